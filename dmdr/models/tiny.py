@@ -116,3 +116,58 @@ class TinyDiT(nn.Module):
 
 
 LORA_TARGETS = ["qkv", "proj", "fc1", "fc2"]
+
+
+BUILTIN = {"builtin:digits-teacher": "digits_teacher.safetensors"}
+
+
+def resolve_weights(spec: str) -> str:
+    """``builtin:digits-teacher`` → the shipped asset path; anything else is returned as given."""
+    if spec in BUILTIN:
+        from pathlib import Path
+
+        return str(Path(__file__).resolve().parent.parent / "assets" / BUILTIN[spec])
+    return spec
+
+
+def save_tiny(model: TinyDiT, path: str, extra: dict | None = None) -> None:
+    """Save weights + config as safetensors (config in the metadata), atomically."""
+    import json
+
+    from dmdr.train.checkpoint import atomic_save_safetensors
+
+    meta = {"format": "dmdr.tiny_dit", "config": json.dumps(model.config.to_dict())}
+    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
+    atomic_save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path, meta)
+
+
+def load_tiny(spec: str, *, map_location: str = "cpu") -> TinyDiT:
+    """Load a :class:`TinyDiT` saved by :func:`save_tiny` (or ``builtin:digits-teacher``).
+
+    Raises ``ValueError`` with one line naming the file and the problem (missing, not a dmdr tiny model,
+    incompatible keys)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = resolve_weights(spec)
+    if not os.path.isfile(path):
+        raise ValueError(f"model weights not found: {path}; set model.teacher to a .safetensors file from "
+                         f"`dmdr train recipes/digits-teacher.yaml` or to builtin:digits-teacher")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(path, device=map_location)
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+        raise ValueError(f"cannot read {path} as safetensors ({e.__class__.__name__}); the file is truncated or "
+                         f"not a checkpoint") from None
+    if meta.get("format") != "dmdr.tiny_dit" or "config" not in meta:
+        raise ValueError(f"{path} is not a dmdr tiny-DiT checkpoint (metadata format={meta.get('format')!r})")
+    cfg = TinyDiTConfig(**json.loads(meta["config"]))
+    model = TinyDiT(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: incompatible keys (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    return model

@@ -1,0 +1,289 @@
+"""``dmdr``: train, sample, eval and inspect recipes. Thin: parse, validate, call the library, print.
+
+Heavy imports (torch, diffusers, torchrl) happen inside commands so that ``dmdr --help`` is fast. Bad input
+(recipes, arguments, files, checkpoints) prints one line ``error: ...`` on stderr and exits with code 2;
+set ``DMDR_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DMDR: distil a diffusion/flow teacher into a few-step student with DMD + RL.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Turn user errors into one line + exit 2 (tracebacks only with DMDR_DEBUG=1)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+            if os.environ.get("DMDR_DEBUG"):
+                raise
+            msg = " ".join(str(e).split()) or e.__class__.__name__
+            fail(msg)
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+# ---- train -----------------------------------------------------------------------------------------------------------
+SMOKE_OVERRIDES = {
+    "teacher": ["train.steps=6", "train.batch_size=16", "train.warmup=2", "eval_steps=4", "logging.log_every=2",
+                "logging.sample_every=0", "logging.checkpoint_every=0"],
+    "classifier": ["train.steps=6", "train.batch_size=16"],
+    "dmdr": ["logging.log_every=1", "logging.sample_every=0", "logging.checkpoint_every=0"],
+}
+
+
+@app.command()
+@guarded
+def train(
+    recipe: str = typer.Argument(..., help="recipe YAML file (or the name of a shipped recipe, e.g. digits)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<name>-<time>)"),
+    set_: List[str] = typer.Option([], "--set", "-s", help="override a recipe field: key=value (repeatable)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="build everything, print a summary, write nothing"),
+    smoke: bool = typer.Option(False, "--smoke", help="a few iterations of every stage on a tiny configuration"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest valid checkpoint"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing run directory"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto|cpu|cuda (overrides runtime.device)"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32|bf16 (overrides runtime.precision)"),
+):
+    """Train from a recipe: the teacher, a classifier, or a DMDR student (stages: cold start, then DMD + RL)."""
+    import time
+
+    from dmdr.recipes import load_recipe, resolve_recipe_path
+
+    overrides = list(set_)
+    if device is not None:
+        if device not in ("auto", "cpu", "cuda"):
+            fail(f"--device {device!r}: use auto, cpu or cuda")
+        overrides.append(f"runtime.device={device}")
+    if precision is not None:
+        if precision not in ("fp32", "bf16"):
+            fail(f"--precision {precision!r}: use fp32 or bf16")
+        overrides.append(f"runtime.precision={precision}")
+    path = resolve_recipe_path(recipe)
+    r = load_recipe(path, overrides)
+    if smoke:
+        smoke_over = SMOKE_OVERRIDES[r.task] + overrides
+        if r.task == "dmdr":
+            smoke_over += [f"stages.{i}.batch_size=8" for i in range(len(r.stages))]
+            smoke_over += ["model.smoke=true"] if r.model.family != "tiny" else []
+        r = load_recipe(path, smoke_over)
+    if resume and out is None:
+        fail("--resume needs --out DIR (the run to continue)")
+    if out is None:
+        out = Path("runs") / f"{r.name}{'-smoke' if smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    import torch
+
+    from dmdr.train.runtime import prepare_run_dir, resolve_device, seed_everything
+
+    dev = resolve_device(r.runtime.device)
+    if r.runtime.threads:
+        torch.set_num_threads(r.runtime.threads)
+    con = _console()
+    if dry_run:
+        _dry_run(r, dev, con)
+        return
+    out = prepare_run_dir(out, resume=resume, force=force)
+    from dmdr.recipes import save_recipe
+
+    save_recipe(r, out / "recipe.yaml")
+    seed_everything(r.seed)
+    t0 = time.time()
+    from dmdr.train.tasks import run_task
+
+    files = run_task(r, out, dev, resume=resume, smoke=smoke, console=con.print)
+    if files.pop("interrupted", False):
+        con.print(f"interrupted; continue with: dmdr train {recipe} --out {out} --resume")
+    _report(con, out, files, t0)
+
+
+def _report(con, out: Path, files: dict, t0: float) -> None:
+    import time
+
+    con.print(f"[bold green]done[/] in {time.time() - t0:.1f}s — run directory: {out}")
+    for name, p in files.items():
+        if p:
+            con.print(f"  {name:18s} {p}")
+    con.print(f"  {'metrics':18s} {out / 'metrics.jsonl'}")
+    con.print(f"  {'checkpoints':18s} {out / 'checkpoints'}")
+    con.print(f"  {'recipe':18s} {out / 'recipe.yaml'}")
+
+
+def _dry_run(r, dev, con) -> None:
+    con.print(f"recipe {r.name!r} (task={r.task}) is valid; device={dev}")
+    if r.task == "dmdr":
+        from dmdr.train.dmdr import DMDRTrainer
+
+        tr = DMDRTrainer(r, None, dev, console=con.print)
+        for st in r.stages:
+            for term in st.rewards:
+                tr.reward(term.name, term.kwargs)
+        ng = sum(p.numel() for p in tr.bundle.generator_params)
+        nc = sum(p.numel() for p in tr.bundle.critic_params)
+        con.print(f"generator: {ng:,} trainable params; critic LoRA: {nc:,}; grid {tr.grid.tolist()}")
+        for st in r.stages:
+            con.print(f"  stage {st.name}: {st.steps} generator steps x ratio {r.optim.ratio}, batch {st.batch_size}, "
+                      f"rewards {[t.name for t in st.rewards] or 'none'}")
+    con.print("dry run: nothing written")
+
+
+# ---- sample ----------------------------------------------------------------------------------------------------------
+@app.command()
+@guarded
+def sample(
+    run: Optional[Path] = typer.Option(None, "--run", help="a DMDR run directory: sample its latest student"),
+    teacher: bool = typer.Option(False, "--teacher", help="sample the teacher instead (Euler, optional CFG)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="teacher weights (default builtin:digits-teacher)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (student default: its training N; teacher: 50)"),
+    cfg: float = typer.Option(1.0, "--cfg", help="teacher classifier-free guidance scale (1 = none)"),
+    num: int = typer.Option(100, "--num", help="number of samples"),
+    class_: Optional[int] = typer.Option(None, "--class", help="only this class (default: cycle through classes)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help=".npz (images, labels) or .png (labelled grid)"),
+    device: str = typer.Option("cpu", "--device", help="auto|cpu|cuda"),
+):
+    """Sample digits from a trained student (--run DIR) or the teacher (--teacher)."""
+    if (run is None) == (not teacher):
+        fail("pass exactly one of --run DIR or --teacher")
+    if steps is not None and steps < 1:
+        fail(f"--steps {steps}: must be at least 1")
+    if num < 1:
+        fail(f"--num {num}: must be at least 1")
+    if out.suffix not in (".npz", ".png"):
+        fail(f"--out {out}: use a .npz or .png file name")
+    if cfg < 0:
+        fail(f"--cfg {cfg}: must be >= 0")
+    import numpy as np
+    import torch
+
+    from dmdr.data.digits import to_unit
+    from dmdr.sampling import load_student, sample_student, sample_teacher
+    from dmdr.train.runtime import resolve_device
+
+    dev = resolve_device(device)
+    if teacher:
+        from dmdr.models.tiny import load_tiny
+
+        model = load_tiny(weights or "builtin:digits-teacher").to(dev)
+        n_classes = model.config.num_classes
+    else:
+        model, info = load_student(run)
+        model = model.to(dev)
+        n_classes = model.config.num_classes
+    if class_ is not None and not 0 <= class_ < n_classes:
+        fail(f"--class {class_}: out of range; the model has classes 0..{n_classes - 1}")
+    labels = torch.full((num,), class_) if class_ is not None else torch.arange(num) % n_classes
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if teacher:
+            x = sample_teacher(model, labels.to(dev), steps=steps or 50, cfg=cfg, generator=g)
+        else:
+            x = sample_student(model, labels.to(dev), info, steps=steps, generator=g)
+    images = to_unit(x).float().cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        tmp = out.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images.numpy().astype(np.float32), labels=labels.numpy().astype(np.int64))
+        tmp.replace(out)
+    else:
+        from dmdr.eval.grid import save_grid
+
+        order = torch.argsort(labels, stable=True)
+        save_grid(images[order], out, nrow=max(1, min(10, num // max(1, len(labels.unique())))) if class_ is None else 10)
+    typer.echo(f"wrote {num} samples to {out}")
+
+
+# ---- eval ------------------------------------------------------------------------------------------------------------
+@app.command("eval")
+@guarded
+def eval_(
+    samples: Path = typer.Argument(..., help=".npz from `dmdr sample --out X.npz` (images N×1×8×8 in [0,1], labels)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON here"),
+):
+    """FID, k-NN precision/recall, class accuracy and mean reward of digits samples."""
+    import json
+
+    from dmdr.eval.report import evaluate_samples, format_table, load_samples_npz
+
+    images, labels = load_samples_npz(samples)
+    metrics = evaluate_samples(images, labels)
+    _console().print(format_table(metrics))
+    if json_out:
+        json_out.write_text(json.dumps(metrics, indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
+# ---- recipes ---------------------------------------------------------------------------------------------------------
+@recipes_app.command("list")
+@guarded
+def recipes_list():
+    """List the shipped recipes."""
+    from dmdr.recipes import read_recipe_dict, recipes_dir
+
+    d = recipes_dir()
+    for f in sorted(d.glob("*.yaml")):
+        try:
+            data = read_recipe_dict(f)
+            typer.echo(f"{f.stem:24s} task={data.get('task', '?'):10s} {f}")
+        except ValueError:
+            typer.echo(f"{f.stem:24s} (unreadable) {f}")
+
+
+@recipes_app.command("show")
+@guarded
+def recipes_show(recipe: str = typer.Argument(..., help="recipe file or shipped name"),
+                 set_: List[str] = typer.Option([], "--set", "-s")):
+    """Print the fully resolved recipe (defaults filled in)."""
+    from dmdr.recipes import load_recipe, recipe_to_yaml, resolve_recipe_path
+
+    typer.echo(recipe_to_yaml(load_recipe(resolve_recipe_path(recipe), list(set_))), nl=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(files: List[Path] = typer.Argument(..., help="recipe files")):
+    """Validate recipe files; exit 2 if any is invalid (one line per problem)."""
+    from dmdr.recipes import load_recipe
+
+    bad = 0
+    for f in files:
+        try:
+            r = load_recipe(f)
+            typer.echo(f"ok       {f} (task={r.task})")
+        except ValueError as e:
+            bad += 1
+            typer.echo(f"error: {e}", err=True)
+    if bad:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""The recipe schema (pydantic v2): a recipe is data, validated once, written next to every run.
+
+A recipe is one of three tasks, told apart by ``task``:
+
+* ``teacher``    — train the class-conditional flow-matching teacher (digits);
+* ``classifier`` — train the digits classifier used as a reward / the fixed evaluation network;
+* ``dmdr``       — distil a few-step student with DMD, then DMD + RL, in ordered ``stages``.
+
+Unknown keys are refused everywhere (``extra="forbid"``). :func:`load_recipe` reads YAML, applies type-checked
+``key=value`` overrides (dotted paths, list indices allowed: ``stages.1.rewards.0.weight=0.1``) and validates;
+every problem becomes a :class:`RecipeError` whose one-line message names the field path and the fix.
+"""
+from __future__ import annotations
+
+from dmdr.errors import UserError
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+
+class RecipeError(UserError):
+    """A recipe (file, YAML, override or field) is invalid. ``str(e)`` is a one-line message with the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- shared sections -----------------------------------------------------------------------------------------------
+class Runtime(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"     # auto: CUDA when present
+    precision: Literal["fp32", "bf16"] = "fp32"         # bf16 = autocast for forwards; master weights stay fp32
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
+
+
+class Logging(Strict):
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(100, ge=0, description="generator steps between PNG sample grids; 0 = only at the end")
+    checkpoint_every: int = Field(100, ge=0, description="generator steps between checkpoints; 0 = only at stage ends")
+    keep_last: int = Field(3, ge=1)
+    progress: bool = True
+
+
+class LoRA(Strict):
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+
+
+class Model(Strict):
+    family: Literal["tiny", "sd3", "sdxl"] = "tiny"
+    teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
+                         "directory, or builtin:digits-teacher")
+    # tiny DiT architecture (used by task=teacher to build a new model; loaded models carry their own config)
+    dim: int = Field(128, ge=8)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    patch: int = Field(2, ge=1)
+    mlp_ratio: float = Field(2.0, gt=0)
+    t_min: float = Field(0.0, ge=0, lt=0.1)
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
+        return self
+
+
+class Data(Strict):
+    dataset: Literal["digits", "prompts"] = "digits"
+    prompts: str | None = Field(None, description="prompt file (.txt one per line, or .jsonl) for T2I families")
+    num_classes: int = Field(10, ge=1)
+
+
+class Seeded(Strict):
+    name: str = "run"
+    seed: int = 0
+    runtime: Runtime = Field(default_factory=Runtime)
+    logging: Logging = Field(default_factory=Logging)
+
+
+# ---- task: teacher ---------------------------------------------------------------------------------------------------
+class TeacherTraining(Strict):
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="probability of the null class (enables CFG)")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    warmup: int = Field(100, ge=0)
+
+
+class TeacherRecipe(Seeded):
+    task: Literal["teacher"]
+    model: Model = Field(default_factory=Model)
+    data: Data = Field(default_factory=Data)
+    train: TeacherTraining = Field(default_factory=TeacherTraining)
+    eval_steps: int = Field(50, ge=1, description="Euler steps for the sample grids")
+    eval_cfg: float = Field(1.0, ge=0)
+
+
+# ---- task: classifier ------------------------------------------------------------------------------------------------
+class ClassifierTraining(Strict):
+    kind: Literal["reward", "features"] = "reward"
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+
+class ClassifierRecipe(Seeded):
+    task: Literal["classifier"]
+    train: ClassifierTraining = Field(default_factory=ClassifierTraining)
+
+
+# ---- task: dmdr ------------------------------------------------------------------------------------------------------
+class Generator(Strict):
+    steps: int = Field(1, ge=1, description="N: few-step student step count")
+    shift: float = Field(1.0, gt=0, description="grid shift S (method.md §2.1)")
+    backward_sim: Literal["ode", "sde"] = "sde"
+    lora: LoRA | None = Field(None, description="None = full fine-tune (SiT/digits); a LoRA = adapter on the base")
+
+
+class Critic(Strict):
+    lora: LoRA = Field(default_factory=LoRA)
+    scale_fake: float = Field(2.0, gt=0, description="λ_f: the critic LoRA scale for the fake score")
+
+
+class DynaDG(Strict):
+    enabled: bool = True
+    scale0: float = Field(0.75, ge=0, description="λ_r0: initial real-score LoRA scale")
+    horizon: int = Field(1000, ge=0, description="K_dyn in generator steps (global)")
+
+
+class DynaRS(Strict):
+    enabled: bool = True
+    alpha0: float = Field(4.0, gt=0)
+    beta0: float = Field(1.5, gt=0)
+    horizon: int = Field(1000, ge=0)
+
+
+class DMD(Strict):
+    cfg: float = Field(1.0, ge=0, description="real-score CFG; > 1 enables CFG with jitter (method.md §2.5)")
+    cfg_jitter: float = Field(0.5, ge=0)
+    dynadg: DynaDG = Field(default_factory=DynaDG)
+    dynars: DynaRS = Field(default_factory=DynaRS)
+    tau_floor: float = Field(0.0, ge=0, lt=1, description="lower clamp of τ (official: 0)")
+    weight: float = Field(1.0, ge=0, description="weight of the DMD term in the generator loss")
+
+
+class RewardTerm(Strict):
+    name: str
+    weight: float = Field(..., ge=0)
+    hinge: float | None = None
+    per_element: bool = Field(False, description="divide by C·H·W to match the DMD loss scale (method.md §5.2.12)")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class Optim(Strict):
+    lr_gen: float = Field(2e-5, gt=0)
+    lr_critic: float = Field(2e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay_gen: float = Field(0.01, ge=0)
+    weight_decay_critic: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ratio: int = Field(5, ge=1, description="TTUR: critic updates per generator update")
+    ema_decay: float | None = Field(None, ge=0, lt=1, description="generator EMA (official: none)")
+
+
+class Stage(Strict):
+    name: str
+    steps: int = Field(..., ge=1, description="generator updates in this stage")
+    batch_size: int = Field(64, ge=1)
+    lr_gen: float | None = Field(None, gt=0)
+    lr_critic: float | None = Field(None, gt=0)
+    rewards: list[RewardTerm] = Field(default_factory=list)
+
+
+class DMDRRecipe(Seeded):
+    task: Literal["dmdr"]
+    model: Model = Field(default_factory=Model)
+    data: Data = Field(default_factory=Data)
+    generator: Generator = Field(default_factory=Generator)
+    critic: Critic = Field(default_factory=Critic)
+    dmd: DMD = Field(default_factory=DMD)
+    optim: Optim = Field(default_factory=Optim)
+    stages: list[Stage] = Field(..., min_length=1)
+    sample_classes: int = Field(10, ge=1, description="rows of the PNG sample grids")
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, v: list[Stage]):
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return v
+
+
+AnyRecipe = Annotated[Union[TeacherRecipe, ClassifierRecipe, DMDRRecipe], Field(discriminator="task")]
+_ADAPTER = TypeAdapter(AnyRecipe)
+TASKS = ("teacher", "classifier", "dmdr")
+
+
+# ---- loading, overrides, errors ----------------------------------------------------------------------------------------
+def _fmt_loc(loc: tuple, tagged: bool) -> str:
+    parts = list(loc[1:] if tagged and loc else loc)
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    """One line: ``<source>: <field.path>: <problem> — fix: ...`` (plus the count of further problems)."""
+    errs = e.errors()
+    first = errs[0]
+    loc = _fmt_loc(tuple(first["loc"]), tagged=bool(first["loc"]) and first["loc"][0] in TASKS)
+    typ, msg = first["type"], first["msg"]
+    if typ == "extra_forbidden":
+        fix = "remove it or check its spelling (`dmdr recipes show <recipe>` lists the fields)"
+        msg = "unknown key"
+    elif typ == "missing":
+        fix = "add it to the recipe"
+        msg = "field required"
+    elif typ in ("union_tag_invalid", "union_tag_not_found"):
+        loc = "task"
+        fix = f"set task to one of: {', '.join(TASKS)}"
+    else:
+        got = first.get("input")
+        fix = f"got {got!r}" if not isinstance(got, (dict, list)) else "check the value"
+    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
+    return f"{source}: {loc}: {msg}; {fix}{more}"
+
+
+def _set_path(data: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"{source}: --set {dotted}: {'.'.join(keys[:i]) or 'value'} has {len(node)} "
+                                  f"entries; use an index 0..{len(node) - 1}")
+            k = int(k)
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = value
+            else:
+                if node.get(k) is None:
+                    node[k] = {}
+                node = node[k]
+        else:
+            raise RecipeError(f"{source}: --set {dotted}: {'.'.join(keys[:i])} is a value, not a section")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=1e-4"`` → ``("a.b", 1e-4)``; the value is parsed as YAML (so lists and nulls work)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key=value, e.g. --set optim.lr_gen=1e-5")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set {item!r}: empty key; expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_recipe_dict(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"recipe file not found: {p}; pass a path to a .yaml recipe (see `dmdr recipes list`)")
+    if p.is_dir():
+        raise RecipeError(f"{p} is a directory; pass a .yaml recipe file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {p}: {e.__class__.__name__}; pass a readable UTF-8 YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{p}: not valid YAML{where}; fix the syntax (indentation, colons, quotes)") from None
+    if data is None:
+        raise RecipeError(f"{p}: the recipe is empty; it needs at least `task:` (one of {', '.join(TASKS)})")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a YAML mapping of fields, got a {type(data).__name__}")
+    return data
+
+
+def validate_recipe(data: dict, source: str = "recipe"):
+    """Validate a dict into a recipe model (one of the task classes)."""
+    if "task" not in data:
+        raise RecipeError(f"{source}: task: field required; set task to one of: {', '.join(TASKS)}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None):
+    """Read a YAML recipe, apply ``key=value`` overrides, validate. Raises :class:`RecipeError`."""
+    data = read_recipe_dict(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(data, key, value, str(path))
+    return validate_recipe(data, str(path))
+
+
+def recipe_to_yaml(recipe: BaseModel) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def save_recipe(recipe: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(recipe_to_yaml(recipe))
+
+
+def recipes_dir() -> Path:
+    """The repository's ``recipes/`` folder (next to the package in a source checkout)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path as given, or the name of a shipped recipe (``digits`` → ``recipes/digits.yaml``)."""
+    p = Path(name_or_path)
+    if p.exists() or p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        return p
+    cand = recipes_dir() / f"{name_or_path}.yaml"
+    return cand if cand.exists() else p

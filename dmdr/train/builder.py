@@ -1,0 +1,121 @@
+"""Turn a recipe into objects, in one place. The trainer never inspects model families itself.
+
+A :class:`ModelBundle` is what the DMDR trainer needs from a family:
+
+* ``base``: the frozen teacher network carrying the critic's LoRA adapter (``"critic"``) — real and fake scores
+  are views of it at scales λ_r(k) and λ_f (:class:`dmdr.models.lora.AdapterView`);
+* ``generator``: the student, callable under the model contract; ``generator_module`` is the ``nn.Module`` whose
+  mode (train/eval) and state matter; ``generator_params`` / ``critic_params`` are the two trainable sets;
+* ``sample_cond(B) -> (cond, uncond, reward_cond)``: training conditioning (class labels or prompt embeddings),
+  its null version for CFG, and what rewards read (labels or prompt strings);
+* ``decode(x) -> images in [0,1]``: differentiable map from samples/latents to pixels for rewards;
+* ``sample_shape``: (C, H, W).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dmdr.models.lora import AdapterView, add_lora, lora_parameters, lora_state_dict, set_trainable
+
+
+@dataclass
+class ModelBundle:
+    base: nn.Module
+    generator: Any
+    generator_module: nn.Module
+    generator_params: list[nn.Parameter]
+    critic_params: list[nn.Parameter]
+    sample_cond: Callable[[int], tuple[Any, Any, Any]]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    sample_shape: tuple[int, int, int]
+    generator_is_lora: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def path(self):
+        return self.base.path
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        if self.generator_is_lora:
+            return lora_state_dict(self.base, "generator")
+        return {k: v for k, v in self.generator_module.state_dict().items()}
+
+    def critic_state(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.base, "critic")
+
+    def load_generator_state(self, sd: dict[str, torch.Tensor]) -> None:
+        _load_exact(self.generator_module if not self.generator_is_lora else self.base, sd, "generator",
+                    partial=self.generator_is_lora)
+
+    def load_critic_state(self, sd: dict[str, torch.Tensor]) -> None:
+        _load_exact(self.base, sd, "critic", partial=True)
+
+
+def _load_exact(module: nn.Module, sd: dict[str, torch.Tensor], what: str, partial: bool) -> None:
+    own = dict(module.state_dict()) if not partial else {n: p for n, p in module.named_parameters()}
+    missing = [k for k in (own if not partial else []) if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        raise ValueError(f"{what} checkpoint does not match the model: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
+    """The digits family: teacher = a :class:`TinyDiT`; critic = teacher + LoRA; generator = a full copy of the
+    teacher (``generator.lora: null``, as SiT) or a second LoRA on the same base."""
+    from dmdr.data.digits import to_unit
+    from dmdr.models.tiny import load_tiny
+
+    teacher = load_tiny(recipe.model.teacher).to(device)
+    teacher.requires_grad_(False)
+    c = teacher.config
+    if recipe.data.num_classes != c.num_classes:
+        raise ValueError(f"data.num_classes={recipe.data.num_classes} but the teacher has {c.num_classes} classes")
+    base = teacher
+    cl = recipe.critic.lora
+    add_lora(base, "critic", rank=cl.rank, alpha=cl.alpha, target_modules=cl.targets)
+    critic_params = lora_parameters(base, "critic")
+    if recipe.generator.lora is None:
+        gen_module = load_tiny(recipe.model.teacher).to(device)  # a fresh full copy of the teacher
+        gen_params = list(gen_module.parameters())
+        gen_module.requires_grad_(True)
+        generator, is_lora = gen_module, False
+    else:
+        gl = recipe.generator.lora
+        add_lora(base, "generator", rank=gl.rank, alpha=gl.alpha, target_modules=gl.targets)
+        gen_params = lora_parameters(base, "generator")
+        generator, gen_module, is_lora = AdapterView(base, "generator", 1.0), base, True
+    set_trainable(base, critic_params + (gen_params if is_lora else []))
+    n = c.num_classes
+
+    def sample_cond(B: int):
+        labels = torch.randint(0, n, (B,), device=device)
+        return labels, torch.full_like(labels, n), labels
+
+    return ModelBundle(base=base, generator=generator, generator_module=gen_module, generator_params=gen_params,
+                       critic_params=critic_params, sample_cond=sample_cond, decode=to_unit,
+                       sample_shape=(c.channels, c.image_size, c.image_size), generator_is_lora=is_lora,
+                       extra={"teacher_config": c})
+
+
+FAMILY_BUILDERS: dict[str, Callable[..., ModelBundle]] = {"tiny": build_tiny_bundle}
+
+
+def build_bundle(recipe, device: torch.device) -> ModelBundle:
+    fam = recipe.model.family
+    if fam not in FAMILY_BUILDERS:
+        try:  # text-to-image families register themselves on import
+            import dmdr.train.t2i_bundle  # noqa: F401
+        except ModuleNotFoundError:
+            pass
+    if fam not in FAMILY_BUILDERS:
+        raise ValueError(f"model.family={fam!r} has no trainer bundle; available: {', '.join(FAMILY_BUILDERS)}")
+    return FAMILY_BUILDERS[fam](recipe, device)

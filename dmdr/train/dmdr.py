@@ -1,0 +1,383 @@
+"""The DMDR trainer: two-time-scale DMD (+ rewards) over ordered stages (method.md §2.8, §2.12).
+
+Per inner iteration i (all on the same backward-simulated batch):
+
+1. backward simulation: the student's N-step rollout (ode/sde) under ``no_grad``; per sample a grid step
+   s ~ U{t_0..t_{N-1}} and its clean sample x_clean (:func:`dmdr.samplers.clean_targets`);
+2. critic update: τ_c ~ DynaRS(k), L_fake on renoise(x_clean, τ_c) with the critic at scale λ_f;
+3. every ``ratio``-th iteration a generator update: x̂0 = G(renoise(x_clean, s), s); L = w_dmd L_DMD (real score
+   = base + λ_r(k) LoRA with CFG jitter, fake = base + λ_f LoRA, τ ~ DynaRS(k)) + Σ_j L_reward_j(x̂0).
+
+Differences from the official loop, chosen deliberately (docs/method.md): the generator is updated after
+exactly ``ratio`` critic updates (``(i+1) % ratio == 0``; the official ``i % ratio == 0 and i > 0`` adds one extra
+critic step at the very start); k, i and the stage are explicit state, saved in every checkpoint; stage 2 carries
+the generator, critic and both optimiser states over and only changes learning rates and rewards.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+from dmdr import keys as K
+from dmdr.eval.grid import save_grid
+from dmdr.losses import dmd_loss, fake_score_batch, fake_score_loss, merge_terms, reward_loss, scalars, total_loss
+from dmdr.models.lora import AdapterView
+from dmdr.recipes import DMDRRecipe, recipe_to_yaml, validate_recipe
+from dmdr.rewards import build_reward
+from dmdr.samplers import clean_targets, few_step_rollout
+from dmdr.schedules import dynadg_scale, dynars_beta_params, few_step_grid, sample_dynars, sample_grid_steps, sample_uniform
+from dmdr.scores import distribution_matching_targets, sample_cfg_scale
+from dmdr.train import checkpoint as ckpt
+from dmdr.train.builder import ModelBundle, build_bundle
+from dmdr.train.runtime import MetricsLog, autocast, make_progress, rng_state, set_rng_state, truncate_metrics
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (numerical-fault streak); the last good checkpoint is intact."""
+
+
+@dataclass
+class DMDRState:
+    """Everything besides weights and optimisers that a resume needs (STYLE.md §4)."""
+
+    stage: int = 0           # index of the current stage
+    stage_step: int = 0      # generator updates done in the current stage
+    global_step: int = 0     # k: generator updates so far (drives DynaDG/DynaRS)
+    inner_step: int = 0      # i: critic updates so far; the update-ratio phase is i % ratio
+    skipped_updates: int = 0  # non-finite losses/gradients skipped so far
+    nonfinite_streak: int = 0
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: torch.tensor(v, dtype=torch.int64) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_tensors(cls, d: dict[str, Any]) -> "DMDRState":
+        return cls(**{k: int(d[k]) for k in asdict(cls()) if k in d})
+
+
+BLOCKING_SECTIONS = ("model", "data", "generator", "critic")
+
+
+def recipe_changes(old: DMDRRecipe, new: DMDRRecipe) -> tuple[list[str], list[str]]:
+    """(blocking, harmless) field paths that differ. Blocking = model/data/generator/critic shapes or the number
+    of stages; everything else (logging, learning rates, steps, rewards, runtime) is allowed on resume."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            p = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flat(v, p + "."))
+            else:
+                out[p] = v
+        return out
+    a, b = flat(old.model_dump(mode="json")), flat(new.model_dump(mode="json"))
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    blocking = [k for k in changed if k.split(".")[0] in BLOCKING_SECTIONS]
+    if len(old.stages) != len(new.stages):
+        blocking.append("stages (count)")
+    return blocking, [k for k in changed if k not in blocking]
+
+
+class DMDRTrainer:
+    """Holds the bundle, optimisers and :class:`DMDRState`; :meth:`run` trains, :meth:`iteration` does one step."""
+
+    def __init__(self, recipe: DMDRRecipe, out: Path | None, device: torch.device, *, console=print,
+                 bundle: ModelBundle | None = None):
+        self.recipe, self.out, self.device, self.console = recipe, out, device, console
+        self.bundle = bundle or build_bundle(recipe, device)
+        o = recipe.optim
+        self.opt_gen = torch.optim.AdamW(self.bundle.generator_params, lr=o.lr_gen, betas=o.betas,
+                                         weight_decay=o.weight_decay_gen)
+        self.opt_critic = torch.optim.AdamW(self.bundle.critic_params, lr=o.lr_critic, betas=o.betas,
+                                            weight_decay=o.weight_decay_critic)
+        self.ema: dict[str, torch.Tensor] | None = None
+        if o.ema_decay is not None:
+            self.ema = {k: v.detach().clone().float() for k, v in self.bundle.generator_state().items()}
+        self.state = DMDRState()
+        g = recipe.generator
+        self.grid = few_step_grid(g.steps, g.shift, recipe.model.t_min).to(device=device, dtype=torch.float32)
+        self._rewards: dict[str, torch.nn.Module] = {}
+        self._stop_signal: int | None = None
+        self.max_nonfinite_streak = 20
+
+    # ---- schedules ------------------------------------------------------------------------------------------------
+    def lambda_real(self) -> float:
+        dg = self.recipe.dmd.dynadg
+        return dynadg_scale(self.state.global_step, dg.horizon, dg.scale0) if dg.enabled else 0.0
+
+    def sample_tau(self, B: int) -> torch.Tensor:
+        rs = self.recipe.dmd.dynars
+        if rs.enabled:
+            return sample_dynars(B, self.state.global_step, rs.horizon, rs.alpha0, rs.beta0,
+                                 t_floor=self.recipe.dmd.tau_floor, device=self.device)
+        return sample_uniform(B, max(0.001, self.recipe.dmd.tau_floor), 1.0, device=self.device)
+
+    def reward(self, name: str, kwargs: dict) -> torch.nn.Module:
+        key = f"{name}:{sorted(kwargs.items())}"
+        if key not in self._rewards:
+            self._rewards[key] = build_reward(name, **{"device": str(self.device), **kwargs}).to(self.device)
+        return self._rewards[key]
+
+    def set_stage_lrs(self) -> None:
+        st, o = self.recipe.stages[self.state.stage], self.recipe.optim
+        for g in self.opt_gen.param_groups:
+            g["lr"] = st.lr_gen or o.lr_gen
+        for g in self.opt_critic.param_groups:
+            g["lr"] = st.lr_critic or o.lr_critic
+
+    # ---- one inner iteration ---------------------------------------------------------------------------------------
+    def _apply(self, loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return False, float("nan")
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+        if not torch.isfinite(gnorm):
+            opt.zero_grad(set_to_none=True)
+            return False, float("nan")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True, float(gnorm)
+
+    def _count(self, ok: bool) -> None:
+        if ok:
+            self.state.nonfinite_streak = 0
+            return
+        self.state.skipped_updates += 1
+        self.state.nonfinite_streak += 1
+        if self.state.nonfinite_streak >= self.max_nonfinite_streak:
+            raise TrainingStopped(f"{self.state.nonfinite_streak} non-finite losses/gradients in a row at generator "
+                                  f"step {self.state.global_step}; lower the learning rates or use fp32. "
+                                  f"The last good checkpoint is intact.")
+
+    def iteration(self) -> dict[str, float]:
+        """One critic update, plus a generator update when the update-ratio phase says so. Returns scalars."""
+        r, b, st = self.recipe, self.bundle, self.state
+        stage = r.stages[st.stage]
+        B, N, dev, path = stage.batch_size, r.generator.steps, self.device, b.path
+        out: dict[str, float] = {}
+        cond, uncond, rcond = b.sample_cond(B)
+        noise = torch.randn(B, *b.sample_shape, device=dev)
+        # 1. backward simulation (no grad)
+        b.generator_module.eval()
+        with autocast(dev, r.runtime.precision):
+            roll = few_step_rollout(b.generator, noise, self.grid, cond, mode=r.generator.backward_sim)
+        clean = clean_targets(roll, r.generator.backward_sim).float()
+        idx = sample_grid_steps(B, N, device=dev)
+        x_clean = clean[torch.arange(B, device=dev), idx]
+        s = self.grid[idx]
+        # 2. critic update
+        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+        tau_c = self.sample_tau(B)
+        with autocast(dev, r.runtime.precision):
+            c_terms = fake_score_loss(fake_score_batch(fake, x_clean, tau_c, torch.randn_like(x_clean), cond))
+        ok, gn = self._apply(total_loss(c_terms), b.critic_params, self.opt_critic)
+        self._count(ok)
+        out.update(scalars(c_terms), critic_grad_norm=gn)
+        st.inner_step += 1
+        # 3. generator update every `ratio` critic updates
+        if st.inner_step % r.optim.ratio == 0:
+            out.update(self.generator_update(x_clean, s, cond, uncond, rcond, stage))
+        return out
+
+    def generator_update(self, x_clean, s, cond, uncond, rcond, stage) -> dict[str, float]:
+        r, b, st, dev = self.recipe, self.bundle, self.state, self.device
+        path = b.path
+        b.generator_module.train()
+        lam_r = self.lambda_real()
+        w = sample_cfg_scale(r.dmd.cfg, r.dmd.cfg_jitter)
+        tau = self.sample_tau(x_clean.shape[0])
+        with autocast(dev, r.runtime.precision):
+            x_s = path.renoise(x_clean, s, torch.randn_like(x_clean))
+            x0_pred = path.to_x0(x_s, s, b.generator(x_s, s, cond)).float()
+            real = AdapterView(b.base, "critic", lam_r)
+            fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+            targets = distribution_matching_targets(x0_pred, real, fake, cond, tau=tau, noise=torch.randn_like(x0_pred),
+                                                    uncond=uncond if w > 1.0 else None, cfg_scale=w)
+        td = TensorDict({K.X0_PRED: x0_pred, K.X0_REAL: targets[K.X0_REAL].float(),
+                         K.X0_FAKE: targets[K.X0_FAKE].float()}, batch_size=[x0_pred.shape[0]])
+        terms = [dmd_loss(td)]
+        terms[0]["loss_dmd"] = terms[0]["loss_dmd"] * r.dmd.weight
+        if stage.rewards:
+            images = b.decode(x0_pred)
+            per_el = math.prod(x0_pred.shape[1:])
+            for term in stage.rewards:
+                td[K.reward_key(term.name)] = self.reward(term.name, term.kwargs)(images, rcond)
+                terms.append(reward_loss(td, term.name, weight=term.weight, hinge=term.hinge,
+                                         per_element=per_el if term.per_element else None))
+        g_terms = merge_terms(*terms)
+        ok, gn = self._apply(total_loss(g_terms), b.generator_params, self.opt_gen)
+        self._count(ok)
+        self.opt_critic.zero_grad(set_to_none=True)
+        if ok and self.ema is not None:
+            self._ema_update()
+        st.global_step += 1
+        st.stage_step += 1
+        a, bb = dynars_beta_params(st.global_step - 1, r.dmd.dynars.horizon, r.dmd.dynars.alpha0, r.dmd.dynars.beta0) \
+            if r.dmd.dynars.enabled else (1.0, 1.0)
+        return {**scalars(g_terms), "gen_grad_norm": gn, "lambda_real": lam_r, "cfg": w,
+                "dynars_alpha": a, "dynars_beta": bb, "gen_update": 1.0}
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        d = self.recipe.optim.ema_decay
+        for k, v in self.bundle.generator_state().items():
+            self.ema[k].lerp_(v.float(), 1 - d)
+
+    # ---- state ------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainer": self.state.as_tensors(), "opt_gen": self.opt_gen.state_dict(),
+                "opt_critic": self.opt_critic.state_dict(), "rng": rng_state()}
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        t = {"generator": self.bundle.generator_state(), "critic": self.bundle.critic_state()}
+        if self.ema is not None:
+            t["ema"] = self.ema
+        return t
+
+    def load(self, tensors: dict, state: dict) -> None:
+        self.bundle.load_generator_state(tensors["generator"])
+        self.bundle.load_critic_state(tensors["critic"])
+        if self.ema is not None and "ema" in tensors:
+            self.ema = {k: v.float() for k, v in tensors["ema"].items()}
+        self.opt_gen.load_state_dict(state["opt_gen"])
+        self.opt_critic.load_state_dict(state["opt_critic"])
+        self.state = DMDRState.from_tensors(state["trainer"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return ckpt.write_checkpoint(self.out / "checkpoints", self.state.global_step, tensors=self.tensors(),
+                                     state=self.state_dict(), recipe_yaml=recipe_to_yaml(self.recipe),
+                                     keep_last=self.recipe.logging.keep_last)
+
+    def resume(self) -> Path:
+        path, tensors, state, recipe_yaml = ckpt.load_latest_valid(self.out / "checkpoints", warn=self.console)
+        import yaml
+        old = validate_recipe(yaml.safe_load(recipe_yaml), str(path / "recipe.yaml"))
+        blocking, harmless = recipe_changes(old, self.recipe)
+        if blocking:
+            raise ckpt.CheckpointError(f"cannot resume: the recipe changed in fields that matter: "
+                                       f"{', '.join(blocking[:6])}; revert them or start a new run with --force")
+        if harmless:
+            self.console(f"resuming with changed fields: {', '.join(harmless[:8])}")
+        self.load(tensors, state)
+        truncate_metrics(self.out / "metrics.jsonl", self.state.global_step)
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self, *, resume: bool = False, max_steps_per_stage: int | None = None) -> dict[str, Any]:
+        """Train all stages; returns a summary. SIGINT/SIGTERM save a checkpoint and return early."""
+        r, out = self.recipe, self.out
+        if resume:
+            p = self.resume()
+            self.console(f"resumed from {p} (stage {self.state.stage}, generator step {self.state.global_step})")
+        log = MetricsLog(out / "metrics.jsonl")
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = make_progress(r.logging.progress)
+        fixed = self._fixed_sample_inputs()
+        summary: dict[str, Any] = {"interrupted": False}
+        try:
+            with (progress or _Null()) as p:
+                while self.state.stage < len(r.stages):
+                    stage = r.stages[self.state.stage]
+                    steps = min(stage.steps, max_steps_per_stage) if max_steps_per_stage else stage.steps
+                    self.set_stage_lrs()
+                    task = p.add_task(f"stage {self.state.stage + 1}/{len(r.stages)} {stage.name}", total=steps,
+                                      completed=self.state.stage_step, info="", rate="") if progress else None
+                    acc: dict[str, list[float]] = defaultdict(list)
+                    t0, k0 = time.time(), self.state.stage_step
+                    while self.state.stage_step < steps:
+                        before = self.state.global_step
+                        for k_, v in self.iteration().items():
+                            acc[k_].append(v)
+                        if self.state.global_step == before:
+                            continue
+                        k = self.state.global_step
+                        if k % r.logging.log_every == 0 or self.state.stage_step == steps:
+                            rate = (self.state.stage_step - k0) / max(time.time() - t0, 1e-9)
+                            rec = {"stage": stage.name, "step": k, "stage_step": self.state.stage_step,
+                                   "inner_step": self.state.inner_step, "skipped_updates": self.state.skipped_updates,
+                                   "lr_gen": self.opt_gen.param_groups[0]["lr"],
+                                   "lr_critic": self.opt_critic.param_groups[0]["lr"], "gen_steps_per_s": rate}
+                            rec.update({k_: sum(v) / len(v) for k_, v in acc.items() if v and k_ != "gen_update"})
+                            log.write(rec)
+                            acc.clear()
+                            if task is not None:
+                                info = " ".join(f"{n[5:]} {rec[n]:.3g}" for n in rec if n.startswith("loss_"))
+                                p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
+                        if r.logging.sample_every and k % r.logging.sample_every == 0:
+                            self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
+                        if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
+                            self.save()
+                        if self._stop_signal is not None:
+                            self.save()
+                            summary["interrupted"] = True
+                            self.console(f"stopped by signal {self._stop_signal}; checkpoint saved at step {k}")
+                            return summary
+                    self.state.stage += 1
+                    self.state.stage_step = 0
+                    self.save()
+        finally:
+            for s_, h in old_handlers.items():
+                signal.signal(s_, h)
+        summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
+        summary["student"] = self.export_student(out / "student.safetensors")
+        return summary
+
+    # ---- samples and export -----------------------------------------------------------------------------------------
+    def _fixed_sample_inputs(self):
+        g = torch.Generator().manual_seed(1234)
+        n = self.recipe.sample_classes
+        labels = torch.arange(n).repeat_interleave(10)
+        noise = torch.randn(labels.shape[0], *self.bundle.sample_shape, generator=g)
+        return labels.to(self.device), noise.to(self.device)
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path, fixed) -> Path | None:
+        if self.recipe.model.family != "tiny":
+            return None
+        labels, noise = fixed
+        self.bundle.generator_module.eval()
+        roll = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode="ode")
+        n = self.recipe.sample_classes
+        return save_grid(self.bundle.decode(roll[K.SAMPLE]), path, nrow=10, row_labels=[str(i) for i in range(n)])
+
+    def export_student(self, path: Path) -> Path | None:
+        """Write the student (EMA if enabled) as a standalone tiny-DiT file with its grid in the metadata."""
+        if self.recipe.model.family != "tiny" or self.bundle.generator_is_lora:
+            return None
+        from dmdr.models.tiny import save_tiny
+
+        m = self.bundle.generator_module
+        if self.ema is not None:
+            m = _with_state(m, self.ema)
+        g = self.recipe.generator
+        save_tiny(m, str(path), extra={"student": {"steps": g.steps, "shift": g.shift, "t_min": self.recipe.model.t_min},
+                                       "recipe": self.recipe.name, "global_step": self.state.global_step})
+        return path
+
+
+def _with_state(module, sd):
+    import copy
+    m = copy.deepcopy(module)
+    m.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in sd.items()})
+    return m
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
