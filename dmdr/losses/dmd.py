@@ -25,10 +25,15 @@ class DMDKeys:
     x0_fake: str = K.X0_FAKE
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32 (the official code computes the loss in fp32); fp32/fp64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def dmd_gradient(x0_pred: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The normalised DMD gradient ``g`` (B,C,H,W), no grad, fp32: see the module docstring."""
+    """The normalised DMD gradient ``g`` (B,C,H,W), no grad, at least fp32: see the module docstring."""
     with torch.no_grad():
-        x0, real, fake = x0_pred.detach().float(), x0_real.float(), x0_fake.float()
+        x0, real, fake = _upcast(x0_pred.detach()), _upcast(x0_real), _upcast(x0_fake)
         dims = tuple(range(1, x0.ndim))
         weight = (x0 - real).abs().mean(dim=dims, keepdim=True) + eps
         return torch.nan_to_num((fake - real) / weight)
@@ -49,12 +54,12 @@ def dmd_loss(td: TensorDictBase, *, keys: DMDKeys = DMDKeys(), eps: float = 1e-8
     real = K.require(td, keys.x0_real, fn="dmd_loss", field="x0_real").detach()
     fake = K.require(td, keys.x0_fake, fn="dmd_loss", field="x0_fake").detach()
     g = dmd_gradient(x0, real, fake, eps)
-    loss = 0.5 * F.mse_loss(x0.float(), x0.detach().float() - g, reduction="mean")
+    loss = 0.5 * F.mse_loss(_upcast(x0), _upcast(x0.detach()) - g, reduction="mean")
     with torch.no_grad():
         dims = tuple(range(1, x0.ndim))
         diag = {
             "dmd_grad_norm": g.flatten(1).norm(dim=1).mean(),
-            "dmd_real_fake_gap": (real.float() - fake.float()).abs().mean(),
-            "dmd_weight": ((x0.detach().float() - real.float()).abs().mean(dim=dims) + eps).mean(),
+            "dmd_real_fake_gap": (_upcast(real) - _upcast(fake)).abs().mean(),
+            "dmd_weight": ((_upcast(x0.detach()) - _upcast(real)).abs().mean(dim=dims) + eps).mean(),
         }
     return TensorDict({"loss_dmd": loss, **diag}, batch_size=[])

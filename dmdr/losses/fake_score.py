@@ -46,5 +46,7 @@ def fake_score_loss(td: TensorDictBase, *, keys: FakeScoreKeys = FakeScoreKeys()
     """
     pred = K.require(td, keys.pred, fn="fake_score_loss", field="pred")
     target = K.require(td, keys.target, fn="fake_score_loss", field="target").detach()
-    loss = ((pred.float() - target.float()) ** 2).mean()
+    from dmdr.losses.dmd import _upcast
+
+    loss = ((_upcast(pred) - _upcast(target)) ** 2).mean()
     return TensorDict({"loss_fake_score": loss}, batch_size=[])

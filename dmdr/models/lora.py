@@ -42,7 +42,11 @@ def add_lora(module: nn.Module, adapter: str, *, rank: int, alpha: float, target
     before = {id(p): p.requires_grad for p in module.parameters()}
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=init,
                      lora_dropout=dropout)
-    inject_adapter_in_model(cfg, module, adapter_name=adapter)
+    import warnings
+
+    with warnings.catch_warnings():  # "Already found a peft_config" is expected: several adapters share a base
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(cfg, module, adapter_name=adapter)
     for layer in _lora_layers(module):
         # keep every adapter addressable; activity is decided per call by adapter_scope
         layer._active_adapter = []
