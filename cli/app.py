@@ -87,7 +87,7 @@ def train(
     path = resolve_recipe_path(recipe)
     r = load_recipe(path, overrides)
     if smoke:
-        smoke_over = SMOKE_OVERRIDES[r.task] + overrides
+        smoke_over = SMOKE_OVERRIDES.get(r.task, []) + overrides
         if r.task == "dmdr":
             smoke_over += [f"stages.{i}.batch_size=8" for i in range(len(r.stages))]
             smoke_over += ["model.smoke=true"] if r.model.family != "tiny" else []

@@ -62,6 +62,13 @@ class Model(Strict):
     mlp_ratio: float = Field(2.0, gt=0)
     t_min: float = Field(0.0, ge=0, lt=0.1)
     gradient_checkpointing: bool = False
+    # text-to-image families (sd3 / sdxl): a local diffusers directory; nothing is downloaded
+    path: str | None = Field(None, description="local diffusers model directory (sd3/sdxl families)")
+    smoke: bool = Field(False, description="swap in tiny random-weight modules of the same family (offline smoke)")
+    resolution: int = Field(512, ge=8, description="image side in pixels (T2I families)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype of the frozen base (T2I)")
+    offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
+    max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -201,9 +208,93 @@ class DMDRRecipe(Seeded):
         return v
 
 
-AnyRecipe = Annotated[Union[TeacherRecipe, ClassifierRecipe, DMDRRecipe], Field(discriminator="task")]
+# ---- task: grpo (policy-gradient RL with a DMD / KL / no regulariser; docs/rl.md) -----------------------------------
+class PGReward(Strict):
+    name: str = Field(..., description="a registered reward; always called as a black box (no gradient)")
+    weight: float = Field(1.0, ge=0, description="weight in the mix, applied after per-reward normalisation")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdvantageConfig(Strict):
+    baseline: Literal["group", "group_mean", "batch"] = Field(
+        "group", description="group: (r-mean_g)/(std_g+eps) (GRPO); group_mean: r-mean_g; batch: batch z-score")
+    normalize_rewards: Literal["none", "batch", "group"] = Field(
+        "batch", description="per-reward normalisation before the weighted mix of several rewards")
+    clip: float | None = Field(5.0, gt=0, description="clamp |advantage| (None: no clipping)")
+    eps: float = Field(1e-6, gt=0)
+
+
+class RL(Strict):
+    rewards: list[PGReward] = Field(..., min_length=1)
+    batch_size: int = Field(64, ge=2, description="trajectories per iteration = groups × group_size")
+    group_size: int = Field(8, ge=2, description="G: samples per class id / prompt (GRPO group)")
+    minibatch_size: int = Field(32, ge=1, description="transitions per PPO minibatch")
+    ppo_epochs: int = Field(2, ge=1, description="passes over the iteration's transitions")
+    clip_epsilon: float = Field(0.2, description="PPO clip range, > 0")
+    log_prob_reduce: Literal["mean", "sum"] = Field(
+        "mean", description="mean: per-dimension log-prob (Flow-GRPO); sum: the true density (docs/rl.md)")
+    final_std: float = Field(0.1, gt=0, description="exploration std of the last step (pixels in [-1,1])")
+    noise_scale: float = Field(1.0, gt=0, description="multiplies the sde std t_{i+1} of non-final steps")
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    regularizer: Literal["dmd", "kl", "none"] = "dmd"
+    reg_weight: float = Field(1.0, ge=0, description="weight of the DMD term (regularizer: dmd)")
+    kl_weight: float = Field(0.01, ge=0, description="weight of KL(π_θ‖π_ref) (regularizer: kl)")
+    advantage_weighted_dmd: bool = Field(False, description="weight the DMD term per sample by B·softmax(A/T)")
+    adw_temperature: float = Field(1.0, gt=0, description="T of advantage_weighted_dmd")
+    critic_updates: int = Field(5, ge=0, description="critic (fake-score) updates per iteration (regularizer: dmd)")
+    init: str | None = Field(None, description="student to start from: a DMDR run directory (student + critic) or "
+                             "a student .safetensors; null = the teacher (teacher-initialised student)")
+
+    @field_validator("clip_epsilon")
+    @classmethod
+    def _clip_positive(cls, v: float):
+        if not v > 0:
+            raise ValueError(f"rl.clip_epsilon must be > 0 (the PPO trust region; typical 0.1-0.3), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _groups_divide(self):
+        if self.batch_size % self.group_size:
+            raise ValueError(f"rl.group_size ({self.group_size}) must divide rl.batch_size ({self.batch_size}): "
+                             f"the batch is groups × group_size")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rl.rewards names must be unique (each is logged as reward_<name>), got {names}")
+        if self.advantage_weighted_dmd and self.regularizer != "dmd":
+            raise ValueError("rl.advantage_weighted_dmd needs rl.regularizer: dmd")
+        return self
+
+
+class EvalConfig(Strict):
+    every: int = Field(0, ge=0, description="iterations between evaluations; 0 = only at the end")
+    samples: int = Field(1000, ge=0, description="samples for FID/precision/recall (digits only); 0 = no eval")
+
+
+class GRPORecipe(Seeded):
+    task: Literal["grpo"]
+    model: Model = Field(default_factory=Model)
+    data: Data = Field(default_factory=Data)
+    generator: Generator = Field(default_factory=Generator)
+    critic: Critic = Field(default_factory=Critic)
+    dmd: DMD = Field(default_factory=DMD)
+    optim: Optim = Field(default_factory=Optim)
+    rl: RL
+    iterations: int = Field(200, ge=1, description="RL iterations (rollout → rewards → PPO epochs)")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sample_classes: int = Field(10, ge=1, description="rows of the PNG sample grids")
+
+    @model_validator(mode="after")
+    def _minibatch_divides(self):
+        n = self.rl.batch_size * self.generator.steps
+        if n % self.rl.minibatch_size:
+            raise ValueError(f"rl.minibatch_size ({self.rl.minibatch_size}) must divide the transitions per "
+                             f"iteration, rl.batch_size × generator.steps = {n}")
+        return self
+
+
+AnyRecipe = Annotated[Union[TeacherRecipe, ClassifierRecipe, DMDRRecipe, GRPORecipe], Field(discriminator="task")]
 _ADAPTER = TypeAdapter(AnyRecipe)
-TASKS = ("teacher", "classifier", "dmdr")
+TASKS = ("teacher", "classifier", "dmdr", "grpo")
 
 
 # ---- loading, overrides, errors ----------------------------------------------------------------------------------------
