@@ -94,7 +94,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "digits")
     ap.add_argument("--only", choices=["all", "teacher", "students", "sweep"], default="all")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every student run")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds; jobs not started by then are skipped")
     a = ap.parse_args()
+    t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     jobs = []
     if a.only in ("all", "teacher"):
@@ -110,19 +112,34 @@ def main() -> None:
             jobs.append((student_job, (f"sweep-w{w:g}", ["generator.steps=1", f"stages.1.rewards.0.weight={w}"]
                                        if w > 0 else ["generator.steps=1", "stages.1.rewards=[]"], a.seeds[0], a.out,
                          a.extra)))
-    # longest first: students before teacher rows
-    jobs.sort(key=lambda j: j[0] is teacher_job)
+    # priority: the first seed of every student config, then the other seeds, then teacher rows
+    def prio(j):
+        fn, args = j
+        return (fn is teacher_job, 0 if fn is teacher_job else (args[2] != a.seeds[0]))
+    jobs.sort(key=prio)
     results, failures = [], []
+    lock = __import__("threading").Lock()
+
+    def guarded(fn, args):
+        if a.deadline and time.time() - t_start > a.deadline:
+            raise RuntimeError(f"skipped (deadline): {fn.__name__}{args[:3]}")
+        r = fn(*args)
+        with lock:
+            results.append(r)
+            (a.out / "results.json").write_text(json.dumps({"results": results, "failures": failures}, indent=1))
+        print(f"{r['name']:28s} seed {r['seed']}  fid {r['fid']:.3f}  prec {r['precision']:.3f}  "
+              f"rec {r['recall']:.3f}  acc {r['accuracy']:.3f}  reward {r['reward']:.3f}  "
+              f"({time.time() - t_start:.0f}s)", flush=True)
+        return r
+
     with ThreadPoolExecutor(a.workers) as ex:
-        futs = [ex.submit(fn, *args) for fn, args in jobs]
+        futs = [ex.submit(guarded, fn, args) for fn, args in jobs]
         for f in futs:
             try:
-                results.append(f.result())
-                r = results[-1]
-                print(f"{r['name']:28s} seed {r['seed']}  fid {r['fid']:.3f}  prec {r['precision']:.3f}  "
-                      f"rec {r['recall']:.3f}  acc {r['accuracy']:.3f}  reward {r['reward']:.3f}", flush=True)
+                f.result()
             except Exception as e:  # noqa: BLE001 - report and keep the other rows
-                failures.append(str(e))
+                with lock:
+                    failures.append(str(e))
                 print("FAILED:", e, flush=True)
     (a.out / "results.json").write_text(json.dumps({"results": results, "failures": failures}, indent=1))
     print(f"wrote {a.out / 'results.json'} ({len(results)} rows, {len(failures)} failures)")

@@ -161,19 +161,32 @@ def sample(
     weights: Optional[str] = typer.Option(None, "--weights", help="teacher weights (default builtin:digits-teacher)"),
     steps: Optional[int] = typer.Option(None, "--steps", help="sampling steps (student default: its training N; teacher: 50)"),
     cfg: float = typer.Option(1.0, "--cfg", help="teacher classifier-free guidance scale (1 = none)"),
-    num: int = typer.Option(100, "--num", help="number of samples"),
+    num: Optional[int] = typer.Option(None, "--num", help="number of samples (digits default 100; text-to-image "
+                                      "default: one per prompt)"),
     class_: Optional[int] = typer.Option(None, "--class", help="only this class (default: cycle through classes)"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help=".npz (images, labels) or .png (labelled grid)"),
     device: str = typer.Option("cpu", "--device", help="auto|cpu|cuda"),
+    prompt: List[str] = typer.Option([], "--prompt", help="text-to-image runs: a prompt (repeatable)"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="text-to-image runs: a prompt file "
+                                                "(.txt one per line, or .jsonl)"),
 ):
-    """Sample digits from a trained student (--run DIR) or the teacher (--teacher)."""
+    """Sample digits from a trained student (--run DIR) or the teacher (--teacher); for a text-to-image run
+    (sd3/sdxl), sample its generator LoRA on --prompt/--prompts with the training-time grid."""
     if (run is None) == (not teacher):
         fail("pass exactly one of --run DIR or --teacher")
     if steps is not None and steps < 1:
         fail(f"--steps {steps}: must be at least 1")
-    if num < 1:
+    if num is not None and num < 1:
         fail(f"--num {num}: must be at least 1")
+    t2i_family = _run_family(run) if run is not None else "tiny"
+    if t2i_family != "tiny":
+        _sample_t2i_run(run, prompt, prompts_file, steps=steps, num=num, seed=seed, out=out, device=device,
+                        class_=class_)
+        return
+    if prompt or prompts_file is not None:
+        fail("--prompt/--prompts need a text-to-image run (--run DIR of an sd3/sdxl recipe)")
+    num = 100 if num is None else num
     if out.suffix not in (".npz", ".png"):
         fail(f"--out {out}: use a .npz or .png file name")
     if cfg < 0:
@@ -216,6 +229,70 @@ def sample(
         order = torch.argsort(labels, stable=True)
         save_grid(images[order], out, nrow=max(1, min(10, num // max(1, len(labels.unique())))) if class_ is None else 10)
     typer.echo(f"wrote {num} samples to {out}")
+
+
+def _run_family(run: Path) -> str:
+    """``model.family`` of the run in ``run`` (``tiny`` when it has no readable recipe.yaml: digits behaviour)."""
+    import yaml
+
+    f = Path(run) / "recipe.yaml"
+    try:
+        data = yaml.safe_load(f.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "tiny"
+    model = data.get("model") if isinstance(data, dict) else None
+    return str(model.get("family", "tiny")) if isinstance(model, dict) else "tiny"
+
+
+def _sample_t2i_run(run: Path, prompt: List[str], prompts_file: Optional[Path], *, steps: Optional[int],
+                    num: Optional[int], seed: int, out: Path, device: str, class_: Optional[int]) -> None:
+    """Rebuild the run's bundle from DIR/recipe.yaml, load the newest checkpoint's generator LoRA (EMA if saved),
+    sample with the training-time grid (``sample_t2i``, N steps by default) and write a PNG grid."""
+    if class_ is not None:
+        fail("--class is for digits runs; pass --prompt TEXT or --prompts FILE")
+    if out.suffix != ".png":
+        fail(f"--out {out}: text-to-image samples are written as a .png grid")
+    if not prompt and prompts_file is None:
+        fail("a text-to-image run needs --prompt TEXT (repeatable) or --prompts FILE")
+    import torch
+
+    from dmdr.data.prompts import load_prompts
+    from dmdr.recipes import load_recipe
+    from dmdr.train import checkpoint as ckpt
+    from dmdr.train.builder import build_bundle
+    from dmdr.train.runtime import resolve_device
+
+    texts = list(prompt)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            fail(f"--prompts {prompts_file}: no such file")
+        texts += load_prompts(prompts_file)
+    texts = [texts[i % len(texts)] for i in range(num)] if num is not None else texts
+    recipe = load_recipe(run / "recipe.yaml")
+    dev = resolve_device(device)
+    path, tensors, _, _ = ckpt.load_latest_valid(run / "checkpoints",
+                                                 warn=lambda m: typer.echo(m, err=True))
+    bundle = build_bundle(recipe, dev)
+    state = tensors.get("ema") or tensors.get("generator")
+    own = bundle.generator_state()
+    if state is None:
+        fail(f"{path}: no generator weights in the checkpoint")
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        fail(f"{path}: the generator LoRA does not match {run / 'recipe.yaml'} ({len(state)} vs {len(own)} tensors): "
+             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shape[:3]}")
+    bundle.load_generator_state(state)
+    from dmdr.eval.grid import save_grid
+    from dmdr.models.t2i import sample_t2i
+
+    x, g = bundle.extra, recipe.generator
+    res = x["resolution"]
+    bundle.generator_module.eval()
+    images = torch.cat([sample_t2i(x["shared"], None, texts[i:i + 8], steps=steps or g.steps, shift=g.shift,
+                                   height=res, width=res, seed=seed + i) for i in range(0, len(texts), 8)])
+    save_grid(images, out, nrow=min(4, len(texts)), scale=max(1, 64 // res))
+    typer.echo(f"wrote {len(texts)} samples ({steps or g.steps} steps, {path.name}) to {out}")
 
 
 # ---- eval ------------------------------------------------------------------------------------------------------------

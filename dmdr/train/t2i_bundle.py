@@ -1,0 +1,260 @@
+"""Trainer bundles for the text-to-image families (``model.family: sd3 | sdxl``), built on one shared base.
+
+:func:`build_t2i_bundle` turns a recipe into a :class:`~dmdr.train.builder.ModelBundle` over a
+:class:`~dmdr.models.t2i.SharedBaseT2I` (one frozen base with a ``generator`` and a ``critic`` LoRA adapter,
+docs/models.md):
+
+* ``base`` = the family denoiser (``SD3Denoiser`` / ``SDXLDenoiser``) that carries both adapters; the trainer's
+  real/fake scores are ``AdapterView(base, "critic", λ)``; the generator is ``AdapterView(base, "generator", 1)``.
+* ``sample_cond(B)`` draws B prompts from a :class:`~dmdr.data.prompts.PromptSampler` over ``data.prompts`` and
+  returns ``(cond, uncond, prompts)``: the prompt embeddings (TensorDict, cached per prompt), the unconditional
+  embeddings (empty prompt; zeros for SDXL) and the prompt strings the rewards read.
+* ``decode(x)`` = :func:`dmdr.models.t2i.decode_latents` (differentiable, images in [0, 1]).
+* ``extra``: ``shared`` (the :class:`SharedBaseT2I`), ``grid`` (the training grid, :func:`~dmdr.models.t2i.t2i_grid`),
+  ``resolution``, ``sample_prompts`` (fixed prompts of the sample grids), ``prompt_sampler`` and
+  ``build_reward`` (the reward factory honouring ``model.smoke``).
+
+**The generator's input path.** :attr:`T2IBundle.path` (what the trainer uses to renoise the generator input and
+to convert its output to x̂0) is the denoiser's path, except that renoising at (or above) the first grid time
+returns the noise itself: the rollout feeds pure noise at ``t_0``, and so must the generator update. For flow
+matching ``t_0 = 1`` and nothing changes; for SDXL's one-step grid ``[0.399, 0]`` this is the DMD2/DMDR
+convention "timestep 399 on a pure-noise input" (method.md §2.13, §5.2 item 11).
+
+**Smoke mode** (``model.smoke: true``, set by ``dmdr train --smoke``): tiny random-weight modules of the same
+family (:func:`~dmdr.models.sd3.build_tiny_sd3` / :func:`~dmdr.models.sdxl.build_tiny_sdxl`, byte-level
+tokenizers built in memory), 16×16 images, float32, the built-in :data:`SMOKE_PROMPTS` (unless ``data.prompts`` is
+an existing file) and tiny random-init rewards: every reward term of a known learned reward has its kwargs
+replaced by :func:`smoke_reward_kwargs` (``config: tiny, random_init: true``, paths dropped). The replacement is
+written into the recipe the trainer holds (so ``DMDRTrainer.reward`` builds the tiny versions) and the same
+mapping is available as ``bundle.extra["build_reward"]``.
+
+Bad input fails before any weights are loaded, with one line naming the field, in this order: no
+``generator.lora``, ``data.dataset`` not ``prompts``, SD3 with ``model.t_min != 0.001``, a prompt file that is
+missing/empty/unreadable, a missing ``model.path``, an unknown reward name, a reward checkpoint/tokenizer path that
+does not exist; LoRA targets that match no module fail when the adapters are injected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dmdr.train.builder import FAMILY_BUILDERS, ModelBundle
+
+SMOKE_RESOLUTION = 16
+"""Image side of smoke runs: the tiny VAEs have factor 2, so latents are 4×8×8."""
+
+SMOKE_PROMPTS = ("a red cube on a table", "a photo of a cat", "a watercolor of a lighthouse at dawn",
+                 "an astronaut riding a horse", "a bowl of ramen, studio lighting", "a city street at night in rain",
+                 "a portrait of an old fisherman", "a blue vase with sunflowers")
+
+LEARNED_REWARDS = ("clip", "hpsv2", "srpo", "pickscore", "imagereward")
+"""Rewards with a tiny random-init configuration (``config: tiny, random_init: true``)."""
+_PATH_KWARGS = ("checkpoint", "tokenizer", "med_config")
+_SMOKE_DROP = _PATH_KWARGS + ("config", "random_init", "dtype")
+SD3_T_MIN = 0.001
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def smoke_reward_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs of a reward term in smoke mode: learned rewards become tiny and random (paths dropped,
+    other options such as ``prefix`` or ``k`` kept); other rewards are unchanged.
+
+    >>> smoke_reward_kwargs("hpsv2", {"checkpoint": "/x/HPS_v2.1_compressed.pt", "tokenizer": "/x/tok"})
+    {'config': 'tiny', 'random_init': True}
+    """
+    if name not in LEARNED_REWARDS:
+        return dict(kwargs)
+    kept = {k: v for k, v in kwargs.items() if k not in _SMOKE_DROP}
+    return {**kept, "config": "tiny", "random_init": True}
+
+
+class FirstStepNoisePath:
+    """A path whose ``renoise(x0, t, ε)`` returns ε where ``t >= t_first`` (see the module docstring).
+
+    Everything else (``to_x0``, ``step``, ...) is the wrapped path's.
+    """
+
+    def __init__(self, path, t_first: float):
+        self.path, self.t_first = path, float(t_first)
+
+    def renoise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        out = self.path.renoise(x0, t, noise)
+        t = torch.as_tensor(t, device=x0.device)
+        first = (t >= self.t_first - 1e-6).reshape(-1, *([1] * (x0.ndim - 1))) if t.ndim else t >= self.t_first - 1e-6
+        return torch.where(first, noise.to(out.dtype), out)
+
+    def __getattr__(self, name: str):
+        return getattr(self.path, name)
+
+    def __repr__(self) -> str:
+        return f"FirstStepNoisePath({self.path!r}, t_first={self.t_first})"
+
+
+@dataclass
+class T2IBundle(ModelBundle):
+    """A :class:`ModelBundle` whose :attr:`path` is the generator's input path (:class:`FirstStepNoisePath`)."""
+
+    generator_path: Any = None
+
+    @property
+    def path(self):
+        return self.generator_path if self.generator_path is not None else self.base.path
+
+
+# ---- validation (cheap, before any weights are loaded) -------------------------------------------------------
+def _lora_spec(lora):
+    from dmdr.models.t2i import LoraSpec
+
+    return LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=tuple(lora.targets))
+
+
+def _check_recipe(recipe) -> None:
+    m, fam = recipe.model, recipe.model.family
+    if recipe.generator.lora is None:
+        raise ValueError(f"generator.lora is not set: model.family={fam} trains a generator LoRA on the shared base; "
+                         f"add generator.lora (official: rank 64, alpha 128, see recipes/sd3-medium-4step.yaml)")
+    if recipe.data.dataset != "prompts":
+        raise ValueError(f"data.dataset={recipe.data.dataset!r}: model.family={fam} trains on prompts; set "
+                         f"data.dataset: prompts and data.prompts: /path/to/prompts.txt")
+    if fam == "sd3" and abs(m.t_min - SD3_T_MIN) > 1e-12:
+        raise ValueError(f"model.t_min={m.t_min}: SD3 uses x̂0 = x_t + (0.001 - t)·v (method.md §1); "
+                         f"set model.t_min: 0.001")
+
+
+def _prompt_list(recipe) -> list[str]:
+    from dmdr.data.prompts import load_prompts
+
+    path = recipe.data.prompts
+    if recipe.model.smoke and (path is None or not Path(path).expanduser().exists()):
+        return list(SMOKE_PROMPTS)
+    if path is None:
+        raise ValueError("data.prompts is not set: point it at a prompt file (.txt one per line, or .jsonl) with "
+                         "--set data.prompts=/local/prompts.txt")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"data.prompts={path}: no such file; set --set data.prompts=/local/prompts.txt")
+    if p.is_dir():
+        raise ValueError(f"data.prompts={path} is a directory; pass a prompt file (.txt or .jsonl)")
+    return load_prompts(p)
+
+
+def _check_rewards(recipe) -> None:
+    """Unknown reward names and missing reward files fail now, not when stage 2 starts hours later."""
+    from dmdr.rewards import available_rewards
+
+    known = available_rewards()
+    for i, st in enumerate(recipe.stages):
+        for j, term in enumerate(st.rewards):
+            where = f"stages.{i}.rewards.{j}"
+            if term.name not in known:
+                raise ValueError(f"{where}.name={term.name!r}: unknown reward; registered rewards: {', '.join(known)}")
+            if recipe.model.smoke:
+                continue
+            for key in _PATH_KWARGS:
+                v = term.kwargs.get(key)
+                if isinstance(v, str) and not Path(v).expanduser().exists():
+                    raise FileNotFoundError(f"{where}.kwargs.{key}={v}: no such file or folder; set it with "
+                                            f"--set {where}.kwargs.{key}=/local/path")
+
+
+def _apply_smoke_rewards(recipe) -> None:
+    for st in recipe.stages:
+        for term in st.rewards:
+            term.kwargs = smoke_reward_kwargs(term.name, term.kwargs)
+
+
+# ---- the bundle -----------------------------------------------------------------------------------------------
+def load_t2i_components(recipe, device: torch.device):
+    """The family's :class:`~dmdr.models.t2i.T2IComponents`: tiny random modules (``model.smoke``) or a local
+    diffusers folder (``model.path``), plus the dtypes for :class:`SharedBaseT2I`."""
+    m, fam = recipe.model, recipe.model.family
+    if m.smoke:
+        if fam == "sd3":
+            from dmdr.models.sd3 import build_tiny_sd3
+
+            return build_tiny_sd3(seed=recipe.seed, t_min=m.t_min), None, None
+        from dmdr.models.sdxl import build_tiny_sdxl
+
+        return build_tiny_sdxl(seed=recipe.seed), None, None
+    dtype = DTYPES[m.dtype]
+    if fam == "sd3":
+        from dmdr.models.sd3 import load_sd3
+
+        comps = load_sd3(m.path, dtype=dtype, max_sequence_length=m.max_sequence_length, t_min=m.t_min)
+        return comps, dtype, None
+    from dmdr.models.sdxl import load_sdxl
+
+    # SDXL's VAE overflows in fp16 (NaNs): decode in float32 unless the base is bf16
+    vae_dtype = torch.float32 if dtype == torch.float16 else None
+    return load_sdxl(m.path, dtype=dtype), dtype, vae_dtype
+
+
+def _process_index() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def build_t2i_bundle(recipe, device: torch.device) -> T2IBundle:
+    """``FAMILY_BUILDERS["sd3"]`` / ``["sdxl"]``: the :class:`T2IBundle` of a recipe (see the module docstring)."""
+    from dmdr.data.prompts import PromptSampler
+    from dmdr.models.t2i import SharedBaseT2I, check_local_model_dir, t2i_grid
+    from dmdr.rewards import build_reward
+
+    m = recipe.model
+    _check_recipe(recipe)
+    prompts = _prompt_list(recipe)
+    if not m.smoke:
+        check_local_model_dir(m.path, "model.path")
+    _check_rewards(recipe)
+    if m.smoke:
+        _apply_smoke_rewards(recipe)
+    comps, dtype, vae_dtype = load_t2i_components(recipe, device)
+    offload = m.offload_idle and device.type == "cuda"
+    for part in (comps.denoiser,) if offload else (comps.denoiser, comps.vae, comps.encoder):
+        part.to(device)
+    try:
+        shared = SharedBaseT2I.from_components(
+            comps, generator_lora=_lora_spec(recipe.generator.lora),
+            critic_lora=_lora_spec(recipe.critic.lora), dtype=dtype, vae_dtype=vae_dtype,
+            offload_idle=offload, gradient_checkpointing=m.gradient_checkpointing,
+            cache_size=256)
+    except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+        if "Target modules" in str(e) or "target_modules" in str(e):
+            raise ValueError(f"generator.lora.targets / critic.lora.targets: {' '.join(str(e).split())[:200]}; use "
+                             f"the family's module names (docs/models.md)") from None
+        raise
+    res = SMOKE_RESOLUTION if m.smoke else m.resolution
+    sample_shape = shared.latent_shape(res, res)
+    denoiser = shared.denoiser
+    grid = t2i_grid(denoiser.path, recipe.generator.steps, recipe.generator.shift)
+    sampler = PromptSampler(prompts, batch_size=1, seed=recipe.seed + 1_000_003 * _process_index())
+
+    def sample_cond(B: int):
+        sampler.batch_size = B  # batches are consecutive slices of the epoch's permutation, whatever their size
+        batch = sampler.next_batch()
+        cond = shared.encode(batch, height=res, width=res)
+        return cond, shared.null_cond(cond), batch
+
+    def make_reward(name: str, **kwargs):
+        return build_reward(name, **(smoke_reward_kwargs(name, kwargs) if m.smoke else kwargs))
+
+    n_sample = max(1, min(recipe.sample_classes, len(prompts)))
+    return T2IBundle(
+        base=denoiser, generator=shared.generator(), generator_module=shared,
+        generator_params=shared.generator_parameters(), critic_params=shared.critic_parameters(),
+        sample_cond=sample_cond, decode=shared.decode, sample_shape=sample_shape, generator_is_lora=True,
+        extra={"shared": shared, "family": m.family, "grid": grid, "resolution": res, "prompt_sampler": sampler,
+               "sample_prompts": prompts[:n_sample], "build_reward": make_reward, "smoke": m.smoke},
+        generator_path=FirstStepNoisePath(denoiser.path, float(grid[0])))
+
+
+FAMILY_BUILDERS["sd3"] = build_t2i_bundle
+FAMILY_BUILDERS["sdxl"] = build_t2i_bundle
+
+__all__ = ["build_t2i_bundle", "load_t2i_components", "T2IBundle", "FirstStepNoisePath", "smoke_reward_kwargs",
+           "SMOKE_PROMPTS", "SMOKE_RESOLUTION", "LEARNED_REWARDS"]
