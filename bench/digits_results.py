@@ -41,6 +41,18 @@ STUDENTS = {
 MAIN = ["dmd-1step", "dmd-4step", "dmdr-1step", "dmdr-4step"]  # run with every seed; the rest with the first seed
 SWEEP = [0.0, 0.02, 0.05, 0.1, 0.2]  # reward weights for the quality/diversity trade-off (1-step, first seed)
 TEACHER = [(k, w) for k in (50, 25, 8, 4, 1) for w in (1.0, 2.0)]
+# --tune: candidate variants of the default recipe (none changes the per-step cost); the one with the lowest
+# 1-step DMDR FID (first seed) becomes the base of every student row. docs/results.md reports all of them.
+VARIANTS = {
+    "base": [],
+    "lr2x": ["optim.lr_gen=2e-4", "optim.lr_critic=2e-4", "stages.1.lr_gen=1e-4", "stages.1.lr_critic=1e-4"],
+    "critic-lr2x": ["optim.lr_critic=2e-4", "stages.1.lr_critic=1e-4"],
+    "gen-lr-half": ["optim.lr_gen=5e-5", "stages.1.lr_gen=2.5e-5"],
+    "rank64": ["critic.lora.rank=64", "critic.lora.alpha=64"],
+    "scale-fake1": ["critic.scale_fake=1.0"],
+    "dyn-horizon600": ["dmd.dynadg.horizon=600", "dmd.dynars.horizon=600"],
+    "stage2-lr-same": ["stages.1.lr_gen=1e-4", "stages.1.lr_critic=1e-4"],
+}
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -92,20 +104,39 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "digits")
-    ap.add_argument("--only", choices=["all", "teacher", "students", "sweep"], default="all")
+    ap.add_argument("--only", choices=["all", "teacher", "students", "sweep", "runs"], default="all")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every student run")
     ap.add_argument("--deadline", type=float, default=0, help="seconds; jobs not started by then are skipped")
+    ap.add_argument("--tune", action="store_true", help="first pick the base variant (VARIANTS) by 1-step DMDR FID")
     a = ap.parse_args()
     t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.tune:
+        print("tuning:", ", ".join(VARIANTS), flush=True)
+        with ThreadPoolExecutor(a.workers) as ex:
+            futs = {v: ex.submit(student_job, f"tune-{v}", ["generator.steps=1"] + over, a.seeds[0], a.out, a.extra)
+                    for v, over in VARIANTS.items()}
+            tuned = {}
+            for v, f in futs.items():
+                try:
+                    tuned[v] = f.result()
+                    print(f"tune {v:16s} fid {tuned[v]['fid']:.3f} acc {tuned[v]['accuracy']:.4f} "
+                          f"rec {tuned[v]['recall']:.3f} ({time.time() - t_start:.0f}s)", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print("FAILED tune", v, e, flush=True)
+        best = min(tuned, key=lambda v: tuned[v]["fid"])
+        print(f"chosen base variant: {best} {VARIANTS[best]}", flush=True)
+        (a.out / "tune.json").write_text(json.dumps({"chosen": best, "overrides": VARIANTS[best],
+                                                     "rows": list(tuned.values())}, indent=1))
+        a.extra = a.extra + VARIANTS[best]
     jobs = []
     if a.only in ("all", "teacher"):
         jobs += [(teacher_job, (k, w, a.out)) for k, w in TEACHER]
-    if a.only in ("all", "students"):
+    if a.only in ("all", "students", "runs"):
         for name, over in STUDENTS.items():
             for s in (a.seeds if name in MAIN else a.seeds[:1]):
                 jobs.append((student_job, (name, over, s, a.out, a.extra)))
-    if a.only in ("all", "sweep"):
+    if a.only in ("all", "sweep", "runs"):
         for w in SWEEP:
             if w == 0.05:
                 continue  # the default weight is the dmdr-1step row

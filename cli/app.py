@@ -110,16 +110,20 @@ def train(
         return
     out = prepare_run_dir(out, resume=resume, force=force)
     from dmdr.recipes import save_recipe
+    from dmdr.train import distributed
 
-    save_recipe(r, out / "recipe.yaml")
+    main = distributed.is_main()  # under torchrun only rank 0 writes and prints
+    if main:
+        save_recipe(r, out / "recipe.yaml")
     seed_everything(r.seed)
     t0 = time.time()
     from dmdr.train.tasks import run_task
 
     files = run_task(r, out, dev, resume=resume, smoke=smoke, console=con.print)
-    if files.pop("interrupted", False):
+    if files.pop("interrupted", False) and main:
         con.print(f"interrupted; continue with: dmdr train {recipe} --out {out} --resume")
-    _report(con, out, files, t0)
+    if main:
+        _report(con, out, files, t0)
 
 
 def _report(con, out: Path, files: dict, t0: float) -> None:

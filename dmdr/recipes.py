@@ -34,6 +34,8 @@ class Runtime(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"     # auto: CUDA when present
     precision: Literal["fp32", "bf16"] = "fp32"         # bf16 = autocast for forwards; master weights stay fp32
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
+    distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
+        "auto", description="data parallelism under torchrun; auto = DMDR_DISTRIBUTED env, else ddp (docs/reliability.md)")
 
 
 class Logging(Strict):
@@ -241,7 +243,6 @@ class RL(Strict):
     kl_weight: float = Field(0.01, ge=0, description="weight of KL(π_θ‖π_ref) (regularizer: kl)")
     advantage_weighted_dmd: bool = Field(False, description="weight the DMD term per sample by B·softmax(A/T)")
     adw_temperature: float = Field(1.0, gt=0, description="T of advantage_weighted_dmd")
-    critic_updates: int = Field(5, ge=0, description="critic (fake-score) updates per iteration (regularizer: dmd)")
     init: str | None = Field(None, description="student to start from: a DMDR run directory (student + critic) or "
                              "a student .safetensors; null = the teacher (teacher-initialised student)")
 

@@ -4,7 +4,6 @@ import torch
 
 from dmdr.paths import DDPMEps, FlowMatching, scaled_linear_alphas_cumprod
 
-torch.set_default_dtype(torch.float64)
 
 
 @pytest.fixture(autouse=True)

@@ -7,15 +7,23 @@ A checkpoint is a directory ``<run>/checkpoints/step-<global step:07d>/`` holdin
 * ``ema.safetensors``       — the generator EMA, if enabled;
 * ``state.pt``              — both optimisers, RNG states, counters (loaded with ``weights_only=True``);
 * ``recipe.yaml``           — the resolved recipe;
-* ``COMPLETE``              — written last; a directory without it is ignored.
+* ``COMPLETE``              — written last: the step and the SHA-256 of every other file; a directory without
+  it is ignored, and a file whose hash differs makes the checkpoint "damaged".
 
 Writes go to ``step-….tmp`` and are renamed into place (``os.replace`` is atomic on POSIX), so a crash or
-SIGKILL mid-save never leaves a half-written checkpoint under a final name.
+SIGKILL mid-save never leaves a half-written checkpoint under a final name. Re-writing an existing step (the
+end of a stage after a periodic save at the same step) first renames the old one to ``step-….prev``, which
+:func:`list_checkpoints` still offers until the new one is in place. Loading never unpickles code:
+``*.safetensors`` are plain tensors and ``state.pt`` goes through ``torch.load(weights_only=True)``, which refuses
+any pickled object that is not a tensor or a plain container (an arbitrary class there makes the checkpoint
+"damaged", like a truncated file). :func:`load_latest_valid` reports a damaged checkpoint and falls back to the
+previous valid one; with none valid it raises :class:`CheckpointError` (the CLI's one-line exit 2).
 """
 from __future__ import annotations
 
 from dmdr.errors import UserError
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_RE = re.compile(r"^step-(\d+)(\.prev)?$")
 
 
 class CheckpointError(UserError):
@@ -62,36 +70,56 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
             os.unlink(tmp)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_checkpoint(root: str | os.PathLike, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
                      state: dict[str, Any], recipe_yaml: str, keep_last: int = 3) -> Path:
-    """Write ``root/step-<step>`` atomically and prune to the newest ``keep_last`` complete checkpoints."""
+    """Write ``root/step-<step>`` atomically and prune to the newest ``keep_last`` complete checkpoints.
+
+    Only one process may call this for a given ``root`` (rank 0 under torchrun)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    prev = root / f"step-{step:07d}.prev"
+    for stale in root.glob("step-*.tmp"):  # left by a kill during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     for name, sd in tensors.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "recipe.yaml").write_text(recipe_yaml)
-    (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": files}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        if prev.exists():
+            shutil.rmtree(prev)
+        os.replace(final, prev)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last]:
+    shutil.rmtree(prev, ignore_errors=True)
+    for old in [d for d in list_checkpoints(root) if d.name.endswith(".prev")]:
+        if (root / old.name[: -len(".prev")]).exists():
+            shutil.rmtree(old, ignore_errors=True)
+    finals = [d for d in list_checkpoints(root) if not d.name.endswith(".prev")]
+    for old in finals[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint directories, oldest first (``.tmp`` and incomplete ones are skipped)."""
+    """Complete checkpoint directories, oldest first (``.tmp`` and incomplete ones are skipped; a ``.prev`` left
+    by a kill during a re-write sorts just before its step's final directory)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -99,22 +127,45 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     for d in root.iterdir():
         m = STEP_RE.match(d.name)
         if m and d.is_dir() and (d / "COMPLETE").exists():
-            out.append((int(m.group(1)), d))
-    return [d for _, d in sorted(out)]
+            out.append((int(m.group(1)), m.group(2) is None, d))
+    return [d for *_, d in sorted(out)]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` if a file listed in ``COMPLETE`` is missing or its SHA-256 differs."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "COMPLETE").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable COMPLETE marker ({e.__class__.__name__})") from None
+    for name, digest in (manifest.get("sha256") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its checksum (truncated or corrupted)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], str]:
-    """Load one checkpoint directory: (tensors by file stem, state, recipe yaml). Raises on any damage."""
+    """Load one checkpoint directory: (tensors by file stem, state, recipe yaml). Raises on any damage.
+
+    Nothing is unpickled beyond tensors and plain containers (``weights_only=True``)."""
     path = Path(path)
+    verify_checkpoint(path)
     tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}/state.pt holds a {type(state).__name__}, not a state dict")
     recipe_yaml = (path / "recipe.yaml").read_text()
     return tensors, state, recipe_yaml
 
 
-def load_latest_valid(root: str | os.PathLike, warn=print):
+def load_latest_valid(root: str | os.PathLike, warn=print, apply=None):
     """The newest checkpoint that loads; damaged ones are reported through ``warn`` and skipped.
 
+    ``apply(path, tensors, state, recipe_yaml)``, if given, runs inside the fallback too: a checkpoint whose
+    contents do not fit the model (missing keys, wrong shapes) is skipped like a damaged file. A
+    :class:`CheckpointError` raised by ``apply`` (e.g. a refused recipe change) is final and propagates.
     Returns (path, tensors, state, recipe_yaml); raises :class:`CheckpointError` if none is valid.
     """
     cands = list_checkpoints(root)
@@ -122,7 +173,22 @@ def load_latest_valid(root: str | os.PathLike, warn=print):
         raise CheckpointError(f"no checkpoint in {root}; start a new run without --resume")
     for d in reversed(cands):
         try:
-            return (d, *read_checkpoint(d))
+            loaded = read_checkpoint(d)
         except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-            warn(f"warning: checkpoint {d} is damaged ({e.__class__.__name__}: {str(e)[:80]}); trying an older one")
-    raise CheckpointError(f"every checkpoint in {root} is damaged; start a new run with --force")
+            warn(f"warning: checkpoint {d} is damaged ({_short(e)}); trying an older one")
+            continue
+        if apply is not None:
+            try:
+                apply(d, *loaded)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                warn(f"warning: checkpoint {d} does not fit this run ({_short(e)}); trying an older one")
+                continue
+        return (d, *loaded)
+    raise CheckpointError(f"no valid checkpoint in {root} ({len(cands)} damaged); start a new run with --force")
+
+
+def _short(e: Exception) -> str:
+    msg = " ".join(str(e).split()).replace("[", "(").replace("]", ")")  # safe for rich-markup consoles
+    return f"{e.__class__.__name__}: {msg[:120]}"

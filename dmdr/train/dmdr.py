@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -35,13 +37,18 @@ from dmdr.rewards import build_reward
 from dmdr.samplers import clean_targets, few_step_rollout
 from dmdr.schedules import dynadg_scale, dynars_beta_params, few_step_grid, sample_dynars, sample_grid_steps, sample_uniform
 from dmdr.scores import distribution_matching_targets, sample_cfg_scale
+from dmdr.errors import UserError
 from dmdr.train import checkpoint as ckpt
+from dmdr.train import distributed
 from dmdr.train.builder import ModelBundle, build_bundle
-from dmdr.train.runtime import MetricsLog, autocast, make_progress, rng_state, set_rng_state, truncate_metrics
+from dmdr.train.runtime import (MetricsLog, autocast, make_progress, rng_neutral, rng_state, seed_everything,
+                                set_rng_state, truncate_metrics)
 
 
-class TrainingStopped(RuntimeError):
-    """A run stopped on purpose (numerical-fault streak); the last good checkpoint is intact."""
+class TrainingStopped(UserError, RuntimeError):
+    """A run stopped on purpose (numerical-fault streak); the last good checkpoint is intact.
+
+    A :class:`~dmdr.errors.UserError`, so the CLI prints it as one line and exits with code 2."""
 
 
 @dataclass
@@ -53,7 +60,9 @@ class DMDRState:
     global_step: int = 0     # k: generator updates so far (drives DynaDG/DynaRS)
     inner_step: int = 0      # i: critic updates so far; the update-ratio phase is i % ratio
     skipped_updates: int = 0  # non-finite losses/gradients skipped so far
-    nonfinite_streak: int = 0
+    nonfinite_streak: int = 0  # the longer of the two current streaks below
+    gen_nonfinite_streak: int = 0     # consecutive skipped generator updates
+    critic_nonfinite_streak: int = 0  # consecutive skipped critic updates
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=torch.int64) for k, v in asdict(self).items()}
@@ -92,7 +101,13 @@ class DMDRTrainer:
     def __init__(self, recipe: DMDRRecipe, out: Path | None, device: torch.device, *, console=print,
                  bundle: ModelBundle | None = None):
         self.recipe, self.out, self.device, self.console = recipe, out, device, console
+        self.dist = distributed.setup(recipe)  # inactive (all no-ops) in a single process
+        if not self.dist.is_main:
+            self.console = lambda *a, **k: None
         self.bundle = bundle or build_bundle(recipe, device)
+        if self.dist.active:  # identical replicas, then per-rank data/noise streams
+            self.dist.broadcast_(self.bundle.generator_params + self.bundle.critic_params)
+            seed_everything(recipe.seed + self.dist.rank)
         o = recipe.optim
         self.opt_gen = torch.optim.AdamW(self.bundle.generator_params, lr=o.lr_gen, betas=o.betas,
                                          weight_decay=o.weight_decay_gen)
@@ -103,10 +118,16 @@ class DMDRTrainer:
             self.ema = {k: v.detach().clone().float() for k, v in self.bundle.generator_state().items()}
         self.state = DMDRState()
         g = recipe.generator
-        self.grid = few_step_grid(g.steps, g.shift, recipe.model.t_min).to(device=device, dtype=torch.float32)
+        grid = self.bundle.extra.get("grid")  # a family may fix its own grid (SDXL one-step: t = 0.399)
+        if grid is None:
+            grid = few_step_grid(g.steps, g.shift, recipe.model.t_min)
+        self.grid = grid.to(device=device, dtype=torch.float32)
         self._rewards: dict[str, torch.nn.Module] = {}
         self._stop_signal: int | None = None
         self.max_nonfinite_streak = 20
+        self._acc: dict[str, list[float]] = defaultdict(list)  # scalars since the last metrics line (checkpointed)
+        self._saved_step: int | None = None
+        self._last_update = "critic"
 
     # ---- schedules ------------------------------------------------------------------------------------------------
     def lambda_real(self) -> float:
@@ -135,10 +156,17 @@ class DMDRTrainer:
 
     # ---- one inner iteration ---------------------------------------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
+        """backward, (average gradients over ranks), clip, step. A non-finite loss or gradient norm skips the
+        step and returns ``(False, nan)``; under torchrun every rank takes the same decision."""
+        self._last_update = "gen" if opt is self.opt_gen else "critic"
         opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        if self.dist.active:
+            self.dist.average_grads_(params, poison=not finite)
+        elif not finite:
             return False, float("nan")
-        loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
         if not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)
@@ -148,15 +176,22 @@ class DMDRTrainer:
         return True, float(gnorm)
 
     def _count(self, ok: bool) -> None:
+        """Count a skipped update; a streak of ``max_nonfinite_streak`` skipped updates of one kind (generator or
+        critic) stops the run with :class:`TrainingStopped` (checkpoints already written stay as they are)."""
+        st, which = self.state, f"{self._last_update}_nonfinite_streak"
         if ok:
-            self.state.nonfinite_streak = 0
-            return
-        self.state.skipped_updates += 1
-        self.state.nonfinite_streak += 1
-        if self.state.nonfinite_streak >= self.max_nonfinite_streak:
-            raise TrainingStopped(f"{self.state.nonfinite_streak} non-finite losses/gradients in a row at generator "
-                                  f"step {self.state.global_step}; lower the learning rates or use fp32. "
-                                  f"The last good checkpoint is intact.")
+            setattr(st, which, 0)
+        else:
+            st.skipped_updates += 1
+            setattr(st, which, getattr(st, which) + 1)
+        st.nonfinite_streak = max(st.gen_nonfinite_streak, st.critic_nonfinite_streak)
+        if st.nonfinite_streak >= self.max_nonfinite_streak:
+            kind = "generator" if st.gen_nonfinite_streak >= st.critic_nonfinite_streak else "critic"
+            done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
+            last = f"resume from the last good checkpoint {done[-1]}" if done else "no checkpoint was written yet"
+            raise TrainingStopped(f"{st.nonfinite_streak} non-finite {kind} losses/gradients in a row at generator "
+                                  f"step {st.global_step} ({st.skipped_updates} updates skipped in all); lower the "
+                                  f"learning rates or use fp32; {last}")
 
     def iteration(self) -> dict[str, float]:
         """One critic update, plus a generator update when the update-ratio phase says so. Returns scalars."""
@@ -234,8 +269,13 @@ class DMDRTrainer:
 
     # ---- state ------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Counters, both optimisers, every RNG state and the not-yet-logged metric scalars (weights_only-safe)."""
         return {"trainer": self.state.as_tensors(), "opt_gen": self.opt_gen.state_dict(),
-                "opt_critic": self.opt_critic.state_dict(), "rng": rng_state()}
+                "opt_critic": self.opt_critic.state_dict(), "rng": rng_state(),
+                "metrics_acc": {k: torch.tensor(v, dtype=torch.float64) for k, v in self._acc.items()},
+                "world_size": torch.tensor(self.dist.world_size),
+                **({"data": self.bundle.extra["prompt_sampler"].state_dict()}
+                   if "prompt_sampler" in self.bundle.extra else {})}
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         t = {"generator": self.bundle.generator_state(), "critic": self.bundle.critic_state()}
@@ -246,56 +286,118 @@ class DMDRTrainer:
     def load(self, tensors: dict, state: dict) -> None:
         self.bundle.load_generator_state(tensors["generator"])
         self.bundle.load_critic_state(tensors["critic"])
-        if self.ema is not None and "ema" in tensors:
-            self.ema = {k: v.float() for k, v in tensors["ema"].items()}
+        if self.ema is not None:
+            self.ema = ({k: v.float().to(self.device) for k, v in tensors["ema"].items()} if "ema" in tensors else
+                        {k: v.detach().clone().float() for k, v in self.bundle.generator_state().items()})
         self.opt_gen.load_state_dict(state["opt_gen"])
         self.opt_critic.load_state_dict(state["opt_critic"])
         self.state = DMDRState.from_tensors(state["trainer"])
-        set_rng_state(state["rng"])
+        if "data" in state and "prompt_sampler" in self.bundle.extra:  # T2I prompt order resumes exactly
+            self.bundle.extra["prompt_sampler"].load_state_dict(state["data"])
+        self._acc = defaultdict(list, {k: [float(x) for x in v.tolist()]
+                                       for k, v in state.get("metrics_acc", {}).items()})
+        ranks, saved_world = state.get("rng_ranks"), int(state.get("world_size", 1))
+        if not self.dist.active:
+            set_rng_state(state["rng"])
+        elif ranks is not None and len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank])
+        else:  # world size changed: fresh, distinct per-rank streams (the run goes on, not bitwise)
+            seed_everything(self.recipe.seed + self.dist.rank + 1_000_003 * self.state.global_step)
+            self.console(f"warning: the checkpoint was written by {saved_world} process(es), this run has "
+                         f"{self.dist.world_size}; per-rank RNG streams restart from a derived seed")
 
-    def save(self) -> Path:
-        return ckpt.write_checkpoint(self.out / "checkpoints", self.state.global_step, tensors=self.tensors(),
-                                     state=self.state_dict(), recipe_yaml=recipe_to_yaml(self.recipe),
-                                     keep_last=self.recipe.logging.keep_last)
+    def save(self) -> Path | None:
+        """Checkpoint at the current generator step (every rank calls it; rank 0 writes; barrier after).
+
+        Refuses (with a warning, returning None) when a weight is non-finite, so the last checkpoint on disk
+        is always a good one."""
+        k = self.state.global_step
+        tensors = self.tensors()
+        bad = sorted(n for n, sd in tensors.items() for v in sd.values()
+                     if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            self._warn(f"warning: not saving step {k}: non-finite weights in {', '.join(bad)}")
+            return None
+        state = self.state_dict()
+        if self.dist.active:
+            state["rng_ranks"] = self.dist.gather_tensor_dicts(state["rng"])
+        path = self.out / "checkpoints" / f"step-{k:07d}"
+        if self.dist.is_main:
+            path = ckpt.write_checkpoint(self.out / "checkpoints", k, tensors=tensors, state=state,
+                                         recipe_yaml=recipe_to_yaml(self.recipe),
+                                         keep_last=self.recipe.logging.keep_last)
+        self.dist.barrier()
+        self._saved_step = k
+        return path
 
     def resume(self) -> Path:
-        path, tensors, state, recipe_yaml = ckpt.load_latest_valid(self.out / "checkpoints", warn=self.console)
+        """Load the newest valid checkpoint of ``out`` (damaged ones are reported and skipped).
+
+        A recipe change in a field that matters (model, data, generator, critic, number of stages) raises
+        :class:`~dmdr.train.checkpoint.CheckpointError` naming the fields; other changes are reported."""
         import yaml
-        old = validate_recipe(yaml.safe_load(recipe_yaml), str(path / "recipe.yaml"))
-        blocking, harmless = recipe_changes(old, self.recipe)
-        if blocking:
-            raise ckpt.CheckpointError(f"cannot resume: the recipe changed in fields that matter: "
-                                       f"{', '.join(blocking[:6])}; revert them or start a new run with --force")
+
+        harmless: list[str] = []
+
+        def apply(path, tensors, state, recipe_yaml):
+            old = validate_recipe(yaml.safe_load(recipe_yaml), str(path / "recipe.yaml"))
+            blocking, changed = recipe_changes(old, self.recipe)
+            if blocking:
+                if self.dist.is_main and (self.out / "recipe.yaml").exists():
+                    (self.out / "recipe.yaml").write_text(recipe_yaml)  # keep the run's recipe what it trained with
+                raise ckpt.CheckpointError(f"cannot resume: the recipe changed in fields that matter: "
+                                           f"{', '.join(blocking[:6])}; revert them or start a new run with --force")
+            self.load(tensors, state)
+            harmless[:] = changed
+
+        path, *_ = ckpt.load_latest_valid(self.out / "checkpoints", warn=self._warn, apply=apply)
+        self.dist.same_int(self.state.global_step, "the resumed generator step")
         if harmless:
-            self.console(f"resuming with changed fields: {', '.join(harmless[:8])}")
-        self.load(tensors, state)
-        truncate_metrics(self.out / "metrics.jsonl", self.state.global_step)
+            self.console(f"resuming with changed fields: {', '.join(harmless[:8])}"
+                         f"{f' (+{len(harmless) - 8} more)' if len(harmless) > 8 else ''}")
+        if self.dist.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", self.state.global_step)
+        self._saved_step = self.state.global_step
         return path
+
+    def _warn(self, msg: str) -> None:
+        if self.dist.is_main:
+            print(msg, file=sys.stderr, flush=True)
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
-    def run(self, *, resume: bool = False, max_steps_per_stage: int | None = None) -> dict[str, Any]:
-        """Train all stages; returns a summary. SIGINT/SIGTERM save a checkpoint and return early."""
-        r, out = self.recipe, self.out
+    def run(self, *, resume: bool = False, max_steps_per_stage: int | None = None,
+            stop_at: int | None = None) -> dict[str, Any]:
+        """Train all stages; returns a summary.
+
+        SIGINT/SIGTERM (or reaching generator step ``stop_at``) save a checkpoint at the current generator step
+        and return early with ``summary["interrupted"] = True``; ``run(resume=True)`` then continues exactly
+        where it stopped (same losses as a run that never stopped). Under torchrun every rank runs this loop
+        in lockstep; only rank 0 writes metrics, samples, checkpoints and the exported student."""
+        r, out, main = self.recipe, self.out, self.dist.is_main
         if resume:
             p = self.resume()
             self.console(f"resumed from {p} (stage {self.state.stage}, generator step {self.state.global_step})")
-        log = MetricsLog(out / "metrics.jsonl")
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = make_progress(r.logging.progress)
+        log = MetricsLog(out / "metrics.jsonl", enabled=main)
+        old_handlers = ({s_: signal.signal(s_, self._on_signal) for s_ in (signal.SIGINT, signal.SIGTERM)}
+                        if threading.current_thread() is threading.main_thread() else {})
+        progress = make_progress(r.logging.progress and main)
         fixed = self._fixed_sample_inputs()
         summary: dict[str, Any] = {"interrupted": False}
+        acc = self._acc
         try:
             with (progress or _Null()) as p:
                 while self.state.stage < len(r.stages):
                     stage = r.stages[self.state.stage]
                     steps = min(stage.steps, max_steps_per_stage) if max_steps_per_stage else stage.steps
                     self.set_stage_lrs()
+                    with rng_neutral():  # building a reward draws init weights: keep it off the training streams
+                        for term in stage.rewards:
+                            self.reward(term.name, term.kwargs)
                     task = p.add_task(f"stage {self.state.stage + 1}/{len(r.stages)} {stage.name}", total=steps,
                                       completed=self.state.stage_step, info="", rate="") if progress else None
-                    acc: dict[str, list[float]] = defaultdict(list)
                     t0, k0 = time.time(), self.state.stage_step
                     while self.state.stage_step < steps:
                         before = self.state.global_step
@@ -310,20 +412,25 @@ class DMDRTrainer:
                                    "inner_step": self.state.inner_step, "skipped_updates": self.state.skipped_updates,
                                    "lr_gen": self.opt_gen.param_groups[0]["lr"],
                                    "lr_critic": self.opt_critic.param_groups[0]["lr"], "gen_steps_per_s": rate}
-                            rec.update({k_: sum(v) / len(v) for k_, v in acc.items() if v and k_ != "gen_update"})
+                            rec.update(self.dist.mean_scalars(
+                                {k_: sum(v) / len(v) for k_, v in acc.items() if v and k_ != "gen_update"}))
                             log.write(rec)
                             acc.clear()
                             if task is not None:
                                 info = " ".join(f"{n[5:]} {rec[n]:.3g}" for n in rec if n.startswith("loss_"))
                                 p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
-                        if r.logging.sample_every and k % r.logging.sample_every == 0:
+                        if main and r.logging.sample_every and k % r.logging.sample_every == 0:
                             self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                             self.save()
-                        if self._stop_signal is not None:
-                            self.save()
+                        if self.dist.any(self._stop_signal is not None or (stop_at is not None and k >= stop_at)):
+                            if self._saved_step != k:
+                                self.save()
                             summary["interrupted"] = True
-                            self.console(f"stopped by signal {self._stop_signal}; checkpoint saved at step {k}")
+                            why = (f"signal {self._stop_signal}" if self._stop_signal is not None else
+                                   f"stop_at={stop_at}" if stop_at is not None and k >= stop_at else
+                                   "a signal on another rank")
+                            self.console(f"stopped by {why}; checkpoint saved at generator step {k}")
                             return summary
                     self.state.stage += 1
                     self.state.stage_step = 0
@@ -331,8 +438,9 @@ class DMDRTrainer:
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
-        summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
-        summary["student"] = self.export_student(out / "student.safetensors")
+        if main:
+            summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
+            summary["student"] = self.export_student(out / "student.safetensors")
         return summary
 
     # ---- samples and export -----------------------------------------------------------------------------------------
@@ -345,6 +453,15 @@ class DMDRTrainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path, fixed) -> Path | None:
+        if "shared" in self.bundle.extra:  # text-to-image: fixed prompts and seed, the training grid, no CFG
+            from dmdr.models.t2i import sample_t2i
+
+            x = self.bundle.extra
+            self.bundle.generator_module.eval()
+            g, res = self.recipe.generator, x["resolution"]
+            images = sample_t2i(x["shared"], None, x["sample_prompts"], steps=g.steps, shift=g.shift, height=res,
+                                width=res, seed=1234)
+            return save_grid(images, path, nrow=min(4, images.shape[0]), scale=max(1, 64 // res))
         if self.recipe.model.family != "tiny":
             return None
         labels, noise = fixed
@@ -354,7 +471,18 @@ class DMDRTrainer:
         return save_grid(self.bundle.decode(roll[K.SAMPLE]), path, nrow=10, row_labels=[str(i) for i in range(n)])
 
     def export_student(self, path: Path) -> Path | None:
-        """Write the student (EMA if enabled) as a standalone tiny-DiT file with its grid in the metadata."""
+        """Write the student (EMA if enabled): a standalone tiny-DiT file with its grid in the metadata, or, for
+        text-to-image runs, the generator LoRA as a diffusers LoRA folder ``path.parent / "student_lora"``."""
+        if "shared" in self.bundle.extra:
+            from dmdr.models.t2i import export_lora_diffusers
+
+            live = {k: v.clone() for k, v in self.bundle.generator_state().items()}
+            if self.ema is not None:
+                self.bundle.load_generator_state(self.ema)
+            try:
+                return export_lora_diffusers(self.bundle.extra["shared"], path.parent / "student_lora")
+            finally:
+                self.bundle.load_generator_state(live)
         if self.recipe.model.family != "tiny" or self.bundle.generator_is_lora:
             return None
         from dmdr.models.tiny import save_tiny

@@ -25,11 +25,19 @@ class DeviceError(UserError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available else CPU; ``cuda`` without CUDA is a :class:`DeviceError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` → CUDA when available else CPU; ``cuda`` without CUDA is a :class:`DeviceError`.
+
+    Under torchrun (``WORLD_SIZE > 1``) the process group is initialised here and CUDA means this process's
+    ``cuda:LOCAL_RANK`` (:mod:`dmdr.train.distributed`)."""
+    from dmdr.train import distributed
+
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError("runtime.device=cuda but no CUDA device is available; use --device cpu or --device auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    distributed.init_from_env()
+    if name == "cuda" and distributed.launched():
+        return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -47,47 +55,85 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state as tensors (``torch.load(weights_only=True)``-safe)."""
-    st = {"torch": torch.get_rng_state(),
-          "python": torch.tensor(list(_py_state_ints()), dtype=torch.int64),
-          "numpy": _np_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()]) if torch.cuda.device_count() else None
-    return {k: v for k, v in st.items() if v is not None}
-
-
-def _np_state() -> torch.Tensor:
-    _, keys, pos, _, _ = np.random.get_state()
-    return torch.from_numpy(np.concatenate([keys.astype(np.int64), [pos]]))
-
-
-def _py_state_ints():
+    """Every global RNG state (torch CPU, CUDA, Python ``random``, NumPy) as tensors, so that it survives
+    ``torch.load(weights_only=True)``. Gaussian caches are included: :func:`set_rng_state` restores the exact
+    next draw of ``random.gauss`` and ``np.random.randn`` too."""
     version, state, gauss = random.getstate()
-    return list(state)
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    st = {"torch": torch.get_rng_state(),
+          "python": torch.tensor(list(state), dtype=torch.int64),
+          "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+          "numpy": torch.from_numpy(np.concatenate([keys.astype(np.int64), [pos]])),
+          "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64)}
+    if torch.cuda.is_available() and torch.cuda.device_count():
+        st["cuda"] = torch.stack(list(torch.cuda.get_rng_state_all()))
+    return st
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (keys it lacks are left alone)."""
     torch.set_rng_state(st["torch"])
     if "python" in st:
         ints = tuple(int(x) for x in st["python"].tolist())
-        random.setstate((3, ints, None))
+        g = st.get("python_gauss")
+        gauss = float(g[1]) if g is not None and bool(g[0]) else None
+        random.setstate((3, ints, gauss))
     if "numpy" in st:
         arr = st["numpy"].numpy()
-        np.random.set_state(("MT19937", arr[:-1].astype(np.uint32), int(arr[-1]), 0, 0.0))
+        g = st.get("numpy_gauss")
+        has, cached = (int(g[0]), float(g[1])) if g is not None else (0, 0.0)
+        np.random.set_state(("MT19937", arr[:-1].astype(np.uint32), int(arr[-1]), has, cached))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(st["cuda"]))
+
+
+@contextlib.contextmanager
+def rng_neutral():
+    """Run a block (e.g. building a reward model, whose layers draw their initial weights) without moving any
+    global RNG: the states are restored on exit, so *when* the block runs cannot change later draws."""
+    st = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(st)
 
 
 def prepare_run_dir(out: str | os.PathLike, *, resume: bool, force: bool) -> Path:
     """Create or validate the run directory. An existing non-empty directory needs ``resume`` or ``force``.
 
     ``force`` moves nothing aside: it deletes the old run's contents (the user asked for it explicitly).
+    Under torchrun, rank 0 does the work and the other ranks wait for it (same errors on every rank).
     """
+    from dmdr.train import distributed
+
     out = Path(out)
     if resume and force:
         raise RunDirError("--resume and --force contradict each other; pick one")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file; pass a directory")
+    if distributed.init_from_env():
+        err = None
+        if distributed.is_main():
+            try:
+                _prepare(out, resume=resume, force=force)
+            except RunDirError as e:
+                err = e
+        failed = _any_rank(err is not None)
+        if failed:
+            raise err or RunDirError(f"rank 0 could not prepare {out}; see its error")
+        return out
+    return _prepare(out, resume=resume, force=force)
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _prepare(out: Path, *, resume: bool, force: bool) -> Path:
     nonempty = out.is_dir() and any(out.iterdir())
     if resume:
         if not nonempty:
@@ -120,8 +166,23 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn line (a kill in the middle of a write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint being resumed (their work is redone)."""
+    """On resume, drop log lines written after the checkpoint being resumed (their work is redone) and any torn
+    line. The file is rewritten atomically (temporary file + rename), so a kill here loses nothing."""
     path = Path(path)
     if not path.exists():
         return
@@ -130,10 +191,15 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line from a kill
-        if rec.get("step", 0) <= max_step:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= max_step:
             keep.append(line)
-    path.write_text("".join(l + "\n" for l in keep))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(l + "\n" for l in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def make_progress(enabled: bool):

@@ -12,15 +12,19 @@ import torch
 
 
 def run_teacher(recipe, out: Path, device: torch.device, *, resume: bool, smoke: bool, console) -> dict[str, Any]:
+    from dmdr.train.distributed import require_single_process
     from dmdr.train.teacher import train_teacher
 
+    require_single_process("task: teacher")
     final = train_teacher(recipe, out, device=device, resume=resume, console=console)
     return {"teacher weights": final, "sample grid": out / "samples" / "final.png"}
 
 
 def run_classifier(recipe, out: Path, device: torch.device, *, resume: bool, smoke: bool, console) -> dict[str, Any]:
     from dmdr.train.classifier import save_classifier, train_digits_classifier
+    from dmdr.train.distributed import require_single_process
 
+    require_single_process("task: classifier")
     t = recipe.train
     model, metrics = train_digits_classifier(t.kind, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
                                              seed=recipe.seed, device=str(device))
@@ -43,6 +47,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "teacher": run_teacher,
     "classifier": run_classifier,
     "dmdr": run_dmdr,
+    "grpo": lambda *a, **kw: __import__("dmdr.train.grpo", fromlist=["run_grpo"]).run_grpo(*a, **kw),
 }
 
 
