@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["all", "teacher", "students", "sweep", "runs"], default="all")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every student run")
     ap.add_argument("--deadline", type=float, default=0, help="seconds; jobs not started by then are skipped")
+    ap.add_argument("--main-only", action="store_true", help="only the MAIN student configs (every seed)")
     ap.add_argument("--tune", action="store_true", help="first pick the base variant (VARIANTS) by 1-step DMDR FID")
     a = ap.parse_args()
     t_start = time.time()
@@ -134,6 +135,8 @@ def main() -> None:
         jobs += [(teacher_job, (k, w, a.out)) for k, w in TEACHER]
     if a.only in ("all", "students", "runs"):
         for name, over in STUDENTS.items():
+            if a.main_only and name not in MAIN:
+                continue
             for s in (a.seeds if name in MAIN else a.seeds[:1]):
                 jobs.append((student_job, (name, over, s, a.out, a.extra)))
     if a.only in ("all", "sweep", "runs"):

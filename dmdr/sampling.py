@@ -29,6 +29,7 @@ class StudentInfo:
     shift: float
     t_min: float
     source: str
+    mode: str = "ode"  # the rollout the student was trained on (generator.backward_sim); sampling uses the same
 
 
 def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
@@ -48,7 +49,8 @@ def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
             meta = json.loads((h.metadata() or {}).get("student", "null") or "null")
         if not meta:
             raise UserError(f"{f} has no student metadata (steps/shift); it is not a dmdr student")
-        return model, StudentInfo(int(meta["steps"]), float(meta["shift"]), float(meta["t_min"]), str(f))
+        return model, StudentInfo(int(meta["steps"]), float(meta["shift"]), float(meta["t_min"]), str(f),
+                                  str(meta.get("mode", "ode")))
     from dmdr.recipes import validate_recipe
     from dmdr.train.checkpoint import CheckpointError, load_latest_valid
 
@@ -68,17 +70,20 @@ def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path}: generator weights do not match the teacher architecture ({str(e)[:80]})") from None
     g = recipe.generator
-    return model, StudentInfo(g.steps, g.shift, recipe.model.t_min, str(path))
+    return model, StudentInfo(g.steps, g.shift, recipe.model.t_min, str(path), g.backward_sim)
 
 
 @torch.no_grad()
 def sample_student(model: TinyDiT, labels: torch.Tensor, info: StudentInfo, *, steps: int | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Few-step ODE sampling on the student's training grid (``steps`` overrides N, keeping the shift).
-    Returns images in [-1, 1], (B,C,H,W)."""
+    """Few-step sampling on the student's training grid (``steps`` overrides N, keeping the shift), with the
+    rollout it was trained on: ``ode`` (Euler) or ``sde`` (x̂0 renoised with fresh noise at each step, as DMD2
+    samples). All noise comes from ``generator``. Returns images in [-1, 1], (B,C,H,W)."""
     c = model.config
     n = steps or info.steps
     grid = few_step_grid(n, info.shift, info.t_min).to(device=labels.device, dtype=torch.float32)
-    noise = torch.randn(labels.shape[0], c.channels, c.image_size, c.image_size, generator=generator).to(labels.device)
+    shape = (labels.shape[0], c.channels, c.image_size, c.image_size)
+    noise = torch.randn(*shape, generator=generator).to(labels.device)
+    step_noise = torch.randn(n, *shape, generator=generator).to(labels.device) if info.mode == "sde" else None
     model.eval()
-    return few_step_rollout(model, noise, grid, labels, mode="ode")[K.SAMPLE]
+    return few_step_rollout(model, noise, grid, labels, mode=info.mode, step_noise=step_noise)[K.SAMPLE]

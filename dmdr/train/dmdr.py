@@ -466,7 +466,12 @@ class DMDRTrainer:
             return None
         labels, noise = fixed
         self.bundle.generator_module.eval()
-        roll = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode="ode")
+        mode = self.recipe.generator.backward_sim  # sample the way the student is trained (sde: fresh noise)
+        step_noise = None
+        if mode == "sde":  # a local generator: sampling must not touch the training RNG streams
+            g = torch.Generator().manual_seed(4321)
+            step_noise = torch.randn(self.grid.shape[0] - 1, *noise.shape, generator=g).to(noise.device)
+        roll = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode=mode, step_noise=step_noise)
         n = self.recipe.sample_classes
         return save_grid(self.bundle.decode(roll[K.SAMPLE]), path, nrow=10, row_labels=[str(i) for i in range(n)])
 
@@ -491,7 +496,8 @@ class DMDRTrainer:
         if self.ema is not None:
             m = _with_state(m, self.ema)
         g = self.recipe.generator
-        save_tiny(m, str(path), extra={"student": {"steps": g.steps, "shift": g.shift, "t_min": self.recipe.model.t_min},
+        save_tiny(m, str(path), extra={"student": {"steps": g.steps, "shift": g.shift, "t_min": self.recipe.model.t_min,
+                                                   "mode": g.backward_sim},
                                        "recipe": self.recipe.name, "global_step": self.state.global_step})
         return path
 

@@ -401,6 +401,7 @@ class GRPOTrainer(DMDRTrainer):
         self.bundle.generator_module.eval()
         images = []
         for i in range(0, len(labels), 500):
+            # 1-step students (the GRPO recipes) sample identically in ode and sde mode
             roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode="ode")
             images.append(self.bundle.decode(roll[K.SAMPLE]).float().clamp(0, 1))
         x = torch.cat(images)
