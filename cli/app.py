@@ -7,7 +7,6 @@ set ``DMDR_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 

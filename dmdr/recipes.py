@@ -1,10 +1,11 @@
 """The recipe schema (pydantic v2): a recipe is data, validated once, written next to every run.
 
-A recipe is one of three tasks, told apart by ``task``:
+A recipe is one of four tasks, told apart by ``task``:
 
 * ``teacher``    — train the class-conditional flow-matching teacher (digits);
 * ``classifier`` — train the digits classifier used as a reward / the fixed evaluation network;
-* ``dmdr``       — distil a few-step student with DMD, then DMD + RL, in ordered ``stages``.
+* ``dmdr``       — distil a few-step student with DMD, then DMD + RL, in ordered ``stages``;
+* ``grpo``       — policy-gradient RL (GRPO/PPO through torchrl) with DMD, KL or no regulariser (docs/rl.md).
 
 Unknown keys are refused everywhere (``extra="forbid"``). :func:`load_recipe` reads YAML, applies type-checked
 ``key=value`` overrides (dotted paths, list indices allowed: ``stages.1.rewards.0.weight=0.1``) and validates;
@@ -117,9 +118,13 @@ class TeacherRecipe(Seeded):
 # ---- task: classifier ------------------------------------------------------------------------------------------------
 class ClassifierTraining(Strict):
     kind: Literal["reward", "features"] = "reward"
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(3000, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    split: Literal["all", "train"] = "train"
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: bool = True
 
 
 class ClassifierRecipe(Seeded):

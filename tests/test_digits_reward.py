@@ -1,3 +1,4 @@
+from pathlib import Path
 import json
 import os
 
@@ -197,3 +198,23 @@ def test_load_samples_npz_validation(tmp_path, holdout01):
     (tmp_path / "garbage.npz").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable .npz"):
         load_samples_npz(tmp_path / "garbage.npz")
+
+
+
+
+@pytest.mark.slow
+def test_classifier_recipe_reproduces_the_shipped_weights(tmp_path):
+    """`dmdr train recipes/digits-classifier.yaml` gives the shipped reward network bit for bit (1 CPU thread)."""
+    import torch
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from dmdr_cli.app import app
+
+    root = Path(__file__).resolve().parent.parent
+    res = CliRunner().invoke(app, ["train", str(root / "recipes" / "digits-classifier.yaml"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.stderr
+    a = safe_open(str(tmp_path / "r" / "digits_classifier.safetensors"), "pt")
+    b = safe_open(str(root / "dmdr" / "assets" / "digits_classifier.safetensors"), "pt")
+    assert set(a.keys()) == set(b.keys())
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator
 
-import torch
 from torch import Tensor, nn
 
 

@@ -193,33 +193,51 @@ class DMDRTrainer:
                                   f"step {st.global_step} ({st.skipped_updates} updates skipped in all); lower the "
                                   f"learning rates or use fp32; {last}")
 
-    def iteration(self) -> dict[str, float]:
-        """One critic update, plus a generator update when the update-ratio phase says so. Returns scalars."""
-        r, b, st = self.recipe, self.bundle, self.state
-        stage = r.stages[st.stage]
-        B, N, dev, path = stage.batch_size, r.generator.steps, self.device, b.path
-        out: dict[str, float] = {}
-        cond, uncond, rcond = b.sample_cond(B)
+    def backward_simulation(self, B: int, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's N-step rollout under ``no_grad`` (method.md §2.2): per sample a grid step
+        s ~ U{t_0..t_{N-1}} and its clean sample. Returns (x_clean (B,C,H,W), s (B,))."""
+        r, b, dev = self.recipe, self.bundle, self.device
         noise = torch.randn(B, *b.sample_shape, device=dev)
-        # 1. backward simulation (no grad)
         b.generator_module.eval()
         with autocast(dev, r.runtime.precision):
             roll = few_step_rollout(b.generator, noise, self.grid, cond, mode=r.generator.backward_sim)
         clean = clean_targets(roll, r.generator.backward_sim).float()
-        idx = sample_grid_steps(B, N, device=dev)
-        x_clean = clean[torch.arange(B, device=dev), idx]
-        s = self.grid[idx]
-        # 2. critic update
+        idx = sample_grid_steps(B, clean.shape[1], device=dev)
+        return clean[torch.arange(B, device=dev), idx], self.grid[idx]
+
+    def critic_update(self, x_clean: torch.Tensor, cond) -> dict[str, float]:
+        """One critic step (method.md §2.3): L_fake on renoise(sg(x_clean), τ_c), τ_c ~ DynaRS(k), critic at λ_f."""
+        r, b = self.recipe, self.bundle
         fake = AdapterView(b.base, "critic", r.critic.scale_fake)
-        tau_c = self.sample_tau(B)
-        with autocast(dev, r.runtime.precision):
+        tau_c = self.sample_tau(x_clean.shape[0])
+        with autocast(self.device, r.runtime.precision):
             c_terms = fake_score_loss(fake_score_batch(fake, x_clean, tau_c, torch.randn_like(x_clean), cond))
         ok, gn = self._apply(total_loss(c_terms), b.critic_params, self.opt_critic)
         self._count(ok)
-        out.update(scalars(c_terms), critic_grad_norm=gn)
-        st.inner_step += 1
-        # 3. generator update every `ratio` critic updates
-        if st.inner_step % r.optim.ratio == 0:
+        self.state.inner_step += 1
+        return {**scalars(c_terms), "critic_grad_norm": gn}
+
+    def distribution_matching(self, x0_pred: torch.Tensor, cond, uncond, *, cfg_scale: float,
+                              tau: torch.Tensor) -> TensorDict:
+        """Both scores at renoise(x̂0, τ) (method.md §2.4-2.6): real = base + λ_r(k) LoRA with CFG ``cfg_scale``,
+        fake = base + λ_f LoRA. Returns TensorDict(x0_pred, x0_real, x0_fake) ready for :func:`dmd_loss`."""
+        r, b = self.recipe, self.bundle
+        real = AdapterView(b.base, "critic", self.lambda_real())
+        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+        with autocast(self.device, r.runtime.precision):
+            targets = distribution_matching_targets(x0_pred, real, fake, cond, tau=tau, noise=torch.randn_like(x0_pred),
+                                                    uncond=uncond if cfg_scale > 1.0 else None, cfg_scale=cfg_scale)
+        return TensorDict({K.X0_PRED: x0_pred, K.X0_REAL: targets[K.X0_REAL].float(),
+                           K.X0_FAKE: targets[K.X0_FAKE].float()}, batch_size=[x0_pred.shape[0]])
+
+    def iteration(self) -> dict[str, float]:
+        """One critic update, plus a generator update when the update-ratio phase says so. Returns scalars."""
+        r, b, st = self.recipe, self.bundle, self.state
+        stage = r.stages[st.stage]
+        cond, uncond, rcond = b.sample_cond(stage.batch_size)
+        x_clean, s = self.backward_simulation(stage.batch_size, cond)           # 1. backward simulation
+        out = self.critic_update(x_clean, cond)                                # 2. critic update
+        if st.inner_step % r.optim.ratio == 0:                                 # 3. generator, every `ratio`
             out.update(self.generator_update(x_clean, s, cond, uncond, rcond, stage))
         return out
 
@@ -233,12 +251,7 @@ class DMDRTrainer:
         with autocast(dev, r.runtime.precision):
             x_s = path.renoise(x_clean, s, torch.randn_like(x_clean))
             x0_pred = path.to_x0(x_s, s, b.generator(x_s, s, cond)).float()
-            real = AdapterView(b.base, "critic", lam_r)
-            fake = AdapterView(b.base, "critic", r.critic.scale_fake)
-            targets = distribution_matching_targets(x0_pred, real, fake, cond, tau=tau, noise=torch.randn_like(x0_pred),
-                                                    uncond=uncond if w > 1.0 else None, cfg_scale=w)
-        td = TensorDict({K.X0_PRED: x0_pred, K.X0_REAL: targets[K.X0_REAL].float(),
-                         K.X0_FAKE: targets[K.X0_FAKE].float()}, batch_size=[x0_pred.shape[0]])
+        td = self.distribution_matching(x0_pred, cond, uncond, cfg_scale=w, tau=tau)
         terms = [dmd_loss(td)]
         terms[0]["loss_dmd"] = terms[0]["loss_dmd"] * r.dmd.weight
         if stage.rewards:

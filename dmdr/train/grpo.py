@@ -40,14 +40,12 @@ from tensordict import TensorDict, TensorDictBase
 from dmdr import keys as K
 from dmdr.advantages import from_config
 from dmdr.errors import UserError
-from dmdr.losses import fake_score_batch, fake_score_loss, scalars, total_loss
 from dmdr.losses.policy import (PolicyKeys, StudentStep, advantage_weights, check_log_prob_shape, kl_to_reference,
                                 make_student_actor, rollout_transitions, weighted_dmd_loss)
 from dmdr.models.lora import AdapterView
 from dmdr.recipes import GRPORecipe, save_recipe, validate_recipe
-from dmdr.samplers import clean_targets, few_step_rollout, stochastic_rollout
-from dmdr.schedules import sample_grid_steps
-from dmdr.scores import distribution_matching_targets, sample_cfg_scale
+from dmdr.samplers import few_step_rollout, stochastic_rollout
+from dmdr.scores import sample_cfg_scale
 from dmdr.train import checkpoint as ckpt
 from dmdr.train.builder import ModelBundle
 from dmdr.train.dmdr import DMDRState, DMDRTrainer, _Null
@@ -198,43 +196,24 @@ class GRPOTrainer(DMDRTrainer):
         return out
 
     def critic_step(self) -> dict[str, float]:
-        """One DMDR critic update (method.md §2.2-2.3) on a fresh backward simulation of the current student
-        (``generator.backward_sim``): x_clean = its clean target at a random grid step; L_fake on
-        renoise(sg(x_clean), τ_c), τ_c ~ DynaRS(k)."""
-        r, b, dev = self.recipe, self.bundle, self.device
-        B = r.rl.batch_size
-        cond, _, _ = b.sample_cond(B)
-        b.generator_module.eval()
-        with autocast(dev, r.runtime.precision):
-            roll = few_step_rollout(b.generator, torch.randn(B, *b.sample_shape, device=dev), self.grid, cond,
-                                    mode=r.generator.backward_sim)
-        b.generator_module.train()
-        clean = clean_targets(roll, r.generator.backward_sim).float()
-        x_clean = clean[torch.arange(B, device=dev), sample_grid_steps(B, clean.shape[1], device=dev)]
-        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
-        tau = self.sample_tau(B)
-        with autocast(dev, r.runtime.precision):
-            terms = fake_score_loss(fake_score_batch(fake, x_clean, tau, torch.randn_like(x_clean), cond))
-        ok, gn = self._apply(total_loss(terms), b.critic_params, self.opt_critic)
-        self._count(ok)
-        self.state.inner_step += 1
-        return {**scalars(terms), "critic_grad_norm": gn}
+        """One DMDR critic update (method.md §2.2-2.3) on a fresh backward simulation of the current student:
+        :meth:`DMDRTrainer.backward_simulation` then :meth:`DMDRTrainer.critic_update`."""
+        B = self.recipe.rl.batch_size
+        cond, _, _ = self.bundle.sample_cond(B)
+        x_clean, _ = self.backward_simulation(B, cond)
+        self.bundle.generator_module.train()
+        return self.critic_update(x_clean, cond)
 
     def dmd_term(self, mb: TensorDictBase) -> TensorDict:
         """The DMD loss of the DMDR generator update (method.md §2.4) on a minibatch's states x_i at t_i:
-        x̂0 = G(x_i, t_i, c); real = base + λ_r(k) LoRA (CFG), fake = base + λ_f LoRA, τ ~ DynaRS(k)."""
+        x̂0 = G(x_i, t_i, c); scores from :meth:`DMDRTrainer.distribution_matching`; τ ~ DynaRS(k)."""
         r, b, rl = self.recipe, self.bundle, self.recipe.rl
         x, t, cond = mb[PK.x], mb[PK.t], mb[PK.cond]
         w = sample_cfg_scale(r.dmd.cfg, r.dmd.cfg_jitter)
-        real = AdapterView(b.base, "critic", self.lambda_real())
-        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
         with autocast(self.device, r.runtime.precision):
             x0_pred = b.path.to_x0(x, t, b.generator(x, t, cond)).float()
-            targets = distribution_matching_targets(x0_pred, real, fake, cond, tau=self.sample_tau(x.shape[0]),
-                                                    noise=torch.randn_like(x0_pred),
-                                                    uncond=real.null_cond(cond) if w > 1.0 else None, cfg_scale=w)
-        td = TensorDict({K.X0_PRED: x0_pred, K.X0_REAL: targets[K.X0_REAL].float(),
-                         K.X0_FAKE: targets[K.X0_FAKE].float()}, batch_size=[x.shape[0]])
+        td = self.distribution_matching(x0_pred, cond, b.base.null_cond(cond), cfg_scale=w,
+                                        tau=self.sample_tau(x.shape[0]))
         weights = advantage_weights(mb[PK.advantage], rl.adw_temperature) if rl.advantage_weighted_dmd else None
         return weighted_dmd_loss(td, weights, weight=rl.reg_weight)
 

@@ -27,7 +27,9 @@ def run_classifier(recipe, out: Path, device: torch.device, *, resume: bool, smo
     require_single_process("task: classifier")
     t = recipe.train
     model, metrics = train_digits_classifier(t.kind, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-                                             seed=recipe.seed, device=str(device))
+                                             seed=recipe.seed, device=str(device), split=t.split,
+                                             weight_decay=t.weight_decay, label_smoothing=t.label_smoothing,
+                                             augment=t.augment)
     final = out / f"digits_{'classifier' if t.kind == 'reward' else 'features'}.safetensors"
     save_classifier(model, final, metrics=metrics)
     console(f"metrics: {metrics}")
