@@ -21,7 +21,7 @@ def main(src: str, dst: str) -> None:
               ("dmd_real_fake_gap", "mean |x̂_real − x̂_fake|"), ("reward_digits_classifier", "reward log p(y|x̂0)"),
               ("lambda_real", "DynaDG λ_r(k)"), ("dynars_alpha", "DynaRS α(k) (β follows)")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    stage_change = next((r["step"] for r in recs if r["stage"] != recs[0]["stage"]), None)
+    stage_change = max((r["step"] for r in recs if r["stage"] == recs[0]["stage"]), default=None)
     for ax, (key, title) in zip(axes.flat, panels):
         xs = [s for s, r in zip(step, recs) if key in r]
         ys = [r[key] for r in recs if key in r]

@@ -195,16 +195,21 @@ class Stage(Strict):
     rewards: list[RewardTerm] = Field(default_factory=list)
 
 
-class DMDRRecipe(Seeded):
-    task: Literal["dmdr"]
+class StudentRecipe(Seeded):
+    """What every student-training task shares: the teacher, data, student, critic, DMD term and optimisers."""
+
     model: Model = Field(default_factory=Model)
     data: Data = Field(default_factory=Data)
     generator: Generator = Field(default_factory=Generator)
     critic: Critic = Field(default_factory=Critic)
     dmd: DMD = Field(default_factory=DMD)
     optim: Optim = Field(default_factory=Optim)
-    stages: list[Stage] = Field(..., min_length=1)
     sample_classes: int = Field(10, ge=1, description="rows of the PNG sample grids")
+
+
+class DMDRRecipe(StudentRecipe):
+    task: Literal["dmdr"]
+    stages: list[Stage] = Field(..., min_length=1)
 
     @field_validator("stages")
     @classmethod
@@ -276,18 +281,11 @@ class EvalConfig(Strict):
     samples: int = Field(1000, ge=0, description="samples for FID/precision/recall (digits only); 0 = no eval")
 
 
-class GRPORecipe(Seeded):
+class GRPORecipe(StudentRecipe):
     task: Literal["grpo"]
-    model: Model = Field(default_factory=Model)
-    data: Data = Field(default_factory=Data)
-    generator: Generator = Field(default_factory=Generator)
-    critic: Critic = Field(default_factory=Critic)
-    dmd: DMD = Field(default_factory=DMD)
-    optim: Optim = Field(default_factory=Optim)
     rl: RL
     iterations: int = Field(200, ge=1, description="RL iterations (rollout → rewards → PPO epochs)")
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    sample_classes: int = Field(10, ge=1, description="rows of the PNG sample grids")
 
     @model_validator(mode="after")
     def _minibatch_divides(self):

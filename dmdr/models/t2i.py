@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from dmdr import keys as K
 from dmdr.models.lora import AdapterView, add_lora, lora_parameters, lora_state_dict, set_trainable
 from dmdr.paths import DDPMEps, FlowMatching
+from dmdr.rewards.tokenizers import bytes_to_unicode
 
 # ---- conditioning keys (TensorDict) ------------------------------------------------------------------------
 PROMPT_EMBEDS = "prompt_embeds"                # (B, L, D) token embeddings fed to cross/joint attention
@@ -596,23 +597,10 @@ def clean_network_copy(net: nn.Module) -> nn.Module:
 TINY_TOKENIZER_MAX_LENGTH = 8
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-unicode map (256 entries)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def byte_clip_vocab() -> dict[str, int]:
     """A byte-level CLIP BPE vocabulary with no merges (514 tokens): the 256 byte characters, the same with
     ``</w>``, then ``<|startoftext|>`` (512) and ``<|endoftext|>`` (513)."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}
 

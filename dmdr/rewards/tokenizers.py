@@ -151,7 +151,7 @@ def load_clip_tokenizer(dir_or_files: str | os.PathLike | Sequence[str | os.Path
     return tok
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte → printable unicode character table (256 entries)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
@@ -167,7 +167,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def byte_level_clip_vocab() -> dict[str, int]:
     """514 tokens: the 256 byte characters, the same with ``</w>``, then ``<|startoftext|>`` (512) and
     ``<|endoftext|>`` (513)."""
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}
 

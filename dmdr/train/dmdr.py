@@ -167,6 +167,10 @@ class DMDRTrainer:
             self.dist.average_grads_(params, poison=not finite)
         elif not finite:
             return False, float("nan")
+        return self._clip_and_step(params, opt)
+
+    def _clip_and_step(self, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
+        """Clip to ``optim.grad_clip`` and step; a non-finite gradient norm skips the step. Returns (ok, norm)."""
         gnorm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
         if not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)

@@ -248,14 +248,8 @@ class GRPOTrainer(DMDRTrainer):
                                       for p in params])
                     diag[f"grad_norm_{name}"] = float((flat if prev is None else flat - prev).norm())
                     prev = flat
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
-        if not torch.isfinite(gnorm):
-            opt.zero_grad(set_to_none=True)
-            return False, float("nan")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         self.opt_critic.zero_grad(set_to_none=True)
-        return True, float(gnorm)
+        return self._clip_and_step(params, opt)
 
     # ---- one iteration ----------------------------------------------------------------------------------------------
     def iteration(self) -> dict[str, float]:
