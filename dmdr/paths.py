@@ -36,12 +36,23 @@ class Path(Protocol):
 
     prediction: str  # "velocity" or "epsilon"
 
-    def renoise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor: ...
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor: ...
-    def to_x0(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor: ...
-    def to_eps(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor: ...
-    def from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor: ...
-    def step(self, x_t: Tensor, t: Tensor, t_next: Tensor, pred: Tensor) -> Tensor: ...
+    def renoise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The forward process: x_t from a clean x0 (B,...), time t (B,) and noise (B,...)."""
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target of the model's prediction (velocity or ε)."""
+
+    def to_x0(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """The denoised estimate x̂0 from a prediction."""
+
+    def to_eps(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """The noise estimate ε̂ from a prediction."""
+
+    def from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """The prediction that :meth:`to_x0` maps to ``x0`` (its inverse)."""
+
+    def step(self, x_t: Tensor, t: Tensor, t_next: Tensor, pred: Tensor) -> Tensor:
+        """One deterministic sampler step from t to t_next."""
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,20 @@ class FlowMatching:
     prediction: str = field(default="velocity", init=False)
 
     def renoise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``x_t = (1 - t) x0 + t ε``; shapes x0, noise (B,...), t (B,) or scalar."""
         t = _bcast(t, x0)
         return (1 - t) * x0 + t * noise
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | None = None) -> Tensor:
+        """``v = ε - x0`` (independent of t)."""
         return noise - x0
 
     def to_x0(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """``x̂0 = x_t + (t_min - t) v`` (the official formula)."""
         return x_t + (self.t_min - _bcast(t, x_t)) * pred
 
     def to_eps(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """``ε̂ = x_t + (1 - t) v``."""
         return x_t + (1 - _bcast(t, x_t)) * pred
 
     def from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
@@ -81,6 +96,7 @@ class FlowMatching:
         return (x_t - x0) / (_bcast(t, x_t) - self.t_min)
 
     def step(self, x_t: Tensor, t: Tensor, t_next: Tensor, pred: Tensor) -> Tensor:
+        """Euler: ``x_{t'} = x_t + (t' - t) v``."""
         return x_t + (_bcast(t_next, x_t) - _bcast(t, x_t)) * pred
 
 
@@ -112,6 +128,7 @@ class DDPMEps:
 
     @property
     def num_train_timesteps(self) -> int:
+        """T, the number of DDPM timesteps (1000 for SDXL)."""
         return int(self.alphas_cumprod.shape[0])
 
     def index(self, t: Tensor | float) -> Tensor:
@@ -121,27 +138,34 @@ class DDPMEps:
         return torch.clamp(torch.round(t * T), 0, T - 1).long()
 
     def abar(self, t: Tensor | float, like: Tensor) -> Tensor:
+        """ᾱ_k at k = index(t), broadcast against ``like`` (B,...)."""
         a = self.alphas_cumprod.to(like.device)[self.index(t).to(like.device)]
         return _bcast(a.to(like.dtype), like)
 
     def renoise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """``x_t = sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε``."""
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor | None = None) -> Tensor:
+        """``ε``."""
         return noise
 
     def to_x0(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """``x̂0 = (x_t - sqrt(1 - ᾱ) ε̂) / sqrt(ᾱ)``."""
         a = self.abar(t, x_t)
         return (x_t - (1 - a).sqrt() * pred) / a.sqrt()
 
     def to_eps(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """The prediction is ε̂ itself."""
         return pred
 
     def from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """``ε = (x_t - sqrt(ᾱ) x0) / sqrt(1 - ᾱ)``."""
         a = self.abar(t, x_t)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
     def step(self, x_t: Tensor, t: Tensor, t_next: Tensor, pred: Tensor) -> Tensor:
+        """DDIM: ``x_{t'} = renoise(x̂0, t', ε̂)``."""
         x0 = self.to_x0(x_t, t, pred)
         return self.renoise(x0, t_next, pred)

@@ -27,11 +27,15 @@ class RecipeError(UserError):
 
 
 class Strict(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---- shared sections -----------------------------------------------------------------------------------------------
 class Runtime(Strict):
+    """Where and how a run executes: device, autocast precision, CPU threads, data parallelism."""
+
     device: Literal["auto", "cpu", "cuda"] = "auto"     # auto: CUDA when present
     precision: Literal["fp32", "bf16"] = "fp32"         # bf16 = autocast for forwards; master weights stay fp32
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
@@ -40,6 +44,8 @@ class Runtime(Strict):
 
 
 class Logging(Strict):
+    """Metrics, sample-grid and checkpoint cadence (in generator steps)."""
+
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(100, ge=0, description="generator steps between PNG sample grids; 0 = only at the end")
     checkpoint_every: int = Field(100, ge=0, description="generator steps between checkpoints; 0 = only at stage ends")
@@ -48,12 +54,16 @@ class Logging(Strict):
 
 
 class LoRA(Strict):
+    """A LoRA adapter: rank r, alpha α (scaling α/r) and the target module names."""
+
     rank: int = Field(32, ge=1)
     alpha: float = Field(32.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
 
 
 class Model(Strict):
+    """The teacher and its family (tiny digits DiT, SD3/SD3.5, SDXL) and how it is loaded."""
+
     family: Literal["tiny", "sd3", "sdxl"] = "tiny"
     teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
                          "directory, or builtin:digits-teacher")
@@ -81,12 +91,16 @@ class Model(Strict):
 
 
 class Data(Strict):
+    """Conditioning data: digits classes, or a prompt file for text-to-image families."""
+
     dataset: Literal["digits", "prompts"] = "digits"
     prompts: str | None = Field(None, description="prompt file (.txt one per line, or .jsonl) for T2I families")
     num_classes: int = Field(10, ge=1)
 
 
 class Seeded(Strict):
+    """Fields every recipe has: name, seed, runtime, logging."""
+
     name: str = "run"
     seed: int = 0
     runtime: Runtime = Field(default_factory=Runtime)
@@ -95,6 +109,8 @@ class Seeded(Strict):
 
 # ---- task: teacher ---------------------------------------------------------------------------------------------------
 class TeacherTraining(Strict):
+    """Flow-matching teacher training (dmdr/train/teacher.py)."""
+
     steps: int = Field(4000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -107,6 +123,8 @@ class TeacherTraining(Strict):
 
 
 class TeacherRecipe(Seeded):
+    """``task: teacher`` — train the class-conditional digits teacher."""
+
     task: Literal["teacher"]
     model: Model = Field(default_factory=Model)
     data: Data = Field(default_factory=Data)
@@ -117,6 +135,8 @@ class TeacherRecipe(Seeded):
 
 # ---- task: classifier ------------------------------------------------------------------------------------------------
 class ClassifierTraining(Strict):
+    """Digits classifier training (dmdr/train/classifier.py)."""
+
     kind: Literal["reward", "features"] = "reward"
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -128,12 +148,16 @@ class ClassifierTraining(Strict):
 
 
 class ClassifierRecipe(Seeded):
+    """``task: classifier`` — the reward network or the fixed evaluation network."""
+
     task: Literal["classifier"]
     train: ClassifierTraining = Field(default_factory=ClassifierTraining)
 
 
 # ---- task: dmdr ------------------------------------------------------------------------------------------------------
 class Generator(Strict):
+    """The few-step student: N, grid shift S (method.md §2.1), backward simulation (§2.2), LoRA or full."""
+
     steps: int = Field(1, ge=1, description="N: few-step student step count")
     shift: float = Field(1.0, gt=0, description="grid shift S (method.md §2.1)")
     backward_sim: Literal["ode", "sde"] = "sde"
@@ -141,17 +165,23 @@ class Generator(Strict):
 
 
 class Critic(Strict):
+    """The fake score: teacher + LoRA, evaluated at scale λ_f (method.md §1, §2.3)."""
+
     lora: LoRA = Field(default_factory=LoRA)
     scale_fake: float = Field(2.0, gt=0, description="λ_f: the critic LoRA scale for the fake score")
 
 
 class DynaDG(Strict):
+    """Dynamic Distribution Guidance: λ_r(k) = λ_r0 · ½(1 + cos πk/K) (method.md §2.6)."""
+
     enabled: bool = True
     scale0: float = Field(0.75, ge=0, description="λ_r0: initial real-score LoRA scale")
     horizon: int = Field(1000, ge=0, description="K_dyn in generator steps (global)")
 
 
 class DynaRS(Strict):
+    """Dynamic Renoise Sampling: τ ~ Beta(α(k), β(k)) annealed to U(0,1) (method.md §2.7)."""
+
     enabled: bool = True
     alpha0: float = Field(4.0, gt=0)
     beta0: float = Field(1.5, gt=0)
@@ -159,6 +189,8 @@ class DynaRS(Strict):
 
 
 class DMD(Strict):
+    """The DMD term: real-score CFG with jitter, DynaDG, DynaRS, τ floor, weight (method.md §2.4-2.7)."""
+
     cfg: float = Field(1.0, ge=0, description="real-score CFG; > 1 enables CFG with jitter (method.md §2.5)")
     cfg_jitter: float = Field(0.5, ge=0)
     dynadg: DynaDG = Field(default_factory=DynaDG)
@@ -168,6 +200,8 @@ class DMD(Strict):
 
 
 class RewardTerm(Strict):
+    """One reward of a stage: registry name, weight w, optional hinge h, kwargs for the reward factory."""
+
     name: str
     weight: float = Field(..., ge=0)
     hinge: float | None = None
@@ -176,6 +210,8 @@ class RewardTerm(Strict):
 
 
 class Optim(Strict):
+    """Two AdamW optimisers (generator, critic), clipping, the TTUR ratio (method.md §2.8), optional EMA."""
+
     lr_gen: float = Field(2e-5, gt=0)
     lr_critic: float = Field(2e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -187,6 +223,8 @@ class Optim(Strict):
 
 
 class Stage(Strict):
+    """One stage: generator steps, batch size, learning-rate overrides and its rewards (method.md §1)."""
+
     name: str
     steps: int = Field(..., ge=1, description="generator updates in this stage")
     batch_size: int = Field(64, ge=1)
@@ -208,6 +246,8 @@ class StudentRecipe(Seeded):
 
 
 class DMDRRecipe(StudentRecipe):
+    """``task: dmdr`` — ordered stages of DMD (+ rewards); state carries over between stages."""
+
     task: Literal["dmdr"]
     stages: list[Stage] = Field(..., min_length=1)
 
@@ -282,6 +322,8 @@ class EvalConfig(Strict):
 
 
 class GRPORecipe(StudentRecipe):
+    """``task: grpo`` — policy-gradient RL with a DMD / KL / no regulariser (docs/rl.md)."""
+
     task: Literal["grpo"]
     rl: RL
     iterations: int = Field(200, ge=1, description="RL iterations (rollout → rewards → PPO epochs)")
@@ -370,6 +412,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def read_recipe_dict(path: str | Path) -> dict:
+    """Read a YAML file into a dict; missing, unreadable, empty, non-YAML or non-mapping files → RecipeError."""
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"recipe file not found: {p}; pass a path to a .yaml recipe (see `dmdr recipes list`)")
@@ -412,10 +455,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
 
 
 def recipe_to_yaml(recipe: BaseModel) -> str:
+    """The resolved recipe (every default filled in) as YAML; :func:`load_recipe` reads it back equal."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
 
 
 def save_recipe(recipe: BaseModel, path: str | Path) -> None:
+    """Write :func:`recipe_to_yaml` to ``path``."""
     Path(path).write_text(recipe_to_yaml(recipe))
 
 

@@ -117,3 +117,10 @@ def test_help_is_fast_and_imports_no_torch():
     code = subprocess.run([sys.executable, "-c", "import sys; import dmdr_cli.app; "
                            "sys.exit(1 if 'torch' in sys.modules else 0)"]).returncode
     assert code == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_one_line(tmp_path):
+    _one_line_error(*_run("train", ROOT / "recipes" / "digits.yaml", "--smoke", "--device", "cuda", "--out",
+                          tmp_path / "r"), "no CUDA device is available")
+    assert not (tmp_path / "r").exists()

@@ -72,6 +72,7 @@ def lora_state_dict(module: nn.Module, adapter: str) -> dict[str, Tensor]:
 
 
 def adapter_names(module: nn.Module) -> set[str]:
+    """Names of every LoRA adapter injected into ``module``."""
     names: set[str] = set()
     for layer in _lora_layers(module):
         names.update(layer.lora_A.keys())

@@ -51,7 +51,7 @@ class Reward(nn.Module):
 
 
 class UnknownRewardError(ValueError):
-    pass
+    """``build_reward`` got a name nobody registered; the message lists the registered names."""
 
 
 _REGISTRY: dict[str, Callable[..., Reward]] = {}
@@ -70,6 +70,7 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 
 
 def available_rewards() -> list[str]:
+    """Sorted names of every registered reward (built-ins are imported first)."""
     _load_builtin()
     return sorted(_REGISTRY)
 

@@ -110,6 +110,7 @@ FAMILY_BUILDERS: dict[str, Callable[..., ModelBundle]] = {"tiny": build_tiny_bun
 
 
 def build_bundle(recipe, device: torch.device) -> ModelBundle:
+    """The :class:`ModelBundle` of ``recipe.model.family`` (tiny here; sd3/sdxl from dmdr.train.t2i_bundle)."""
     fam = recipe.model.family
     if fam not in FAMILY_BUILDERS:
         try:  # text-to-image families register themselves on import

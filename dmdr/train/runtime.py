@@ -21,6 +21,8 @@ class RunDirError(UserError):
 
 
 class DeviceError(UserError):
+    """The requested device is not available (one-line message)."""
+
     pass
 
 
@@ -49,6 +51,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) global RNGs."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

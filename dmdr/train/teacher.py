@@ -41,6 +41,7 @@ def flow_matching_loss(model: TinyDiT, x0: torch.Tensor, labels: torch.Tensor, *
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``θ_ema ← decay · θ_ema + (1 - decay) · θ`` in place."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p.detach(), 1 - decay)
 
