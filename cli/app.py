@@ -150,8 +150,9 @@ def _dry_run(r, dev, con) -> None:
         nc = sum(p.numel() for p in tr.bundle.critic_params)
         con.print(f"generator: {ng:,} trainable params; critic LoRA: {nc:,}; grid {tr.grid.tolist()}")
         for st in r.stages:
+            rewards = ", ".join(f"{t.name} (w {t.weight:g})" for t in st.rewards) or "none"
             con.print(f"  stage {st.name}: {st.steps} generator steps x ratio {r.optim.ratio}, batch {st.batch_size}, "
-                      f"rewards {[t.name for t in st.rewards] or 'none'}")
+                      f"rewards: {rewards}", soft_wrap=True)
     con.print("dry run: nothing written")
 
 
