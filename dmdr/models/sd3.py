@@ -32,7 +32,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
+from dmdr.models.t2i import (NullEmbeddings, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
                              check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae)
 from dmdr.paths import FlowMatching
 
@@ -47,7 +47,7 @@ def sd3_timestep(t: Tensor, *, rounded: bool = True) -> Tensor:
     return s.round() if rounded else s
 
 
-class SD3Denoiser(nn.Module):
+class SD3Denoiser(NullEmbeddings, nn.Module):
     """Wrap a diffusers ``SD3Transformer2DModel`` as a flow-matching denoiser (see the module docstring).
 
     Args:
@@ -92,20 +92,9 @@ class SD3Denoiser(nn.Module):
         return out.to(x_t.dtype)
 
     # -- unconditional branch -----------------------------------------------------------------------------------
-    def set_null_embeddings(self, null: TensorDict) -> None:
-        """Cache the unconditional embeddings (batch 1, e.g. ``encoder([""])``) used by :meth:`null_cond`."""
-        self._null_prompt_embeds = null[PROMPT_EMBEDS][:1].detach().clone()
-        self._null_pooled = null[POOLED_PROMPT_EMBEDS][:1].detach().clone()
-
     def null_cond(self, cond: TensorDict) -> TensorDict:
         """The empty-prompt embeddings expanded to ``cond``'s batch (for CFG)."""
-        if self._null_prompt_embeds is None:
-            raise RuntimeError("SD3Denoiser.null_cond: no empty-prompt embeddings cached; call "
-                               "set_null_embeddings(encoder([''])) (SharedBaseT2I does this)")
-        B = cond.batch_size[0]
-        return TensorDict({PROMPT_EMBEDS: self._null_prompt_embeds.expand(B, -1, -1),
-                           POOLED_PROMPT_EMBEDS: self._null_pooled.expand(B, -1)},
-                          batch_size=[B], device=cond.device)
+        return TensorDict(self._null_batch(cond), batch_size=[cond.batch_size[0]], device=cond.device)
 
     def make_pipeline(self, vae: nn.Module, encoder: "SD3TextEncoder", *, network: nn.Module | None = None):
         """A ``StableDiffusion3Pipeline`` over ``network`` (default: this denoiser's network) and the components."""

@@ -28,7 +28,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, LoraSpec, T2IComponents,
+from dmdr.models.t2i import (NullEmbeddings, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, LoraSpec, T2IComponents,
                              TextEncoderStack, check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer,
                              tiny_vae)
 from dmdr.paths import DDPMEps, scaled_linear_alphas_cumprod
@@ -47,7 +47,7 @@ def sdxl_timestep(t: Tensor, num_train_timesteps: int = 1000) -> Tensor:
     return torch.clamp(torch.round(t * num_train_timesteps), 0, num_train_timesteps - 1).long()
 
 
-class SDXLDenoiser(nn.Module):
+class SDXLDenoiser(NullEmbeddings, nn.Module):
     """Wrap a diffusers ``UNet2DConditionModel`` (SDXL) as an ε-prediction denoiser (see the module docstring)."""
 
     family = "sdxl"
@@ -85,22 +85,12 @@ class SDXLDenoiser(nn.Module):
                        return_dict=False)[0]
         return out.to(x_t.dtype)
 
-    def set_null_embeddings(self, null: TensorDict) -> None:
-        """Cache the unconditional text embeddings (batch 1) used by :meth:`null_cond`."""
-        self._null_prompt_embeds = null[PROMPT_EMBEDS][:1].detach().clone()
-        self._null_pooled = null[POOLED_PROMPT_EMBEDS][:1].detach().clone()
-
     def null_cond(self, cond: TensorDict) -> TensorDict:
         """Unconditional embeddings expanded to ``cond``'s batch, with ``cond``'s ``time_ids``."""
-        if self._null_prompt_embeds is None:
-            raise RuntimeError("SDXLDenoiser.null_cond: no unconditional embeddings cached; call "
-                               "set_null_embeddings(encoder.null()) (SharedBaseT2I does this)")
-        B = cond.batch_size[0]
-        out = {PROMPT_EMBEDS: self._null_prompt_embeds.expand(B, -1, -1),
-               POOLED_PROMPT_EMBEDS: self._null_pooled.expand(B, -1)}
+        out = self._null_batch(cond)
         if TIME_IDS in cond.keys():
             out[TIME_IDS] = cond[TIME_IDS]
-        return TensorDict(out, batch_size=[B], device=cond.device)
+        return TensorDict(out, batch_size=[cond.batch_size[0]], device=cond.device)
 
     def make_pipeline(self, vae: nn.Module, encoder: "SDXLTextEncoder", *, network: nn.Module | None = None):
         """A ``StableDiffusionXLPipeline`` over ``network`` (default: this denoiser's UNet) and the components."""

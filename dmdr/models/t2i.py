@@ -51,6 +51,26 @@ PROMPT_EMBEDS = "prompt_embeds"                # (B, L, D) token embeddings fed 
 POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"  # (B, P) pooled text embedding
 TIME_IDS = "time_ids"                          # (B, 6) SDXL micro-conditioning (h, w, top, left, h, w)
 
+
+class NullEmbeddings:
+    """Mixin for T2I denoisers: caches the unconditional (empty-prompt) embeddings used by ``null_cond`` for CFG.
+
+    The subclass registers the buffers ``_null_prompt_embeds`` / ``_null_pooled`` (None until set)."""
+
+    def set_null_embeddings(self, null: TensorDict) -> None:
+        """Cache the unconditional embeddings (batch 1, e.g. ``encoder([""])``) used by ``null_cond``."""
+        self._null_prompt_embeds = null[PROMPT_EMBEDS][:1].detach().clone()
+        self._null_pooled = null[POOLED_PROMPT_EMBEDS][:1].detach().clone()
+
+    def _null_batch(self, cond: TensorDict) -> dict:
+        """``{prompt_embeds (B,L,D), pooled_prompt_embeds (B,P)}`` of the cached null embeddings, B = cond's batch."""
+        if self._null_prompt_embeds is None:
+            raise RuntimeError(f"{type(self).__name__}.null_cond: no unconditional embeddings cached; call "
+                               "set_null_embeddings(...) first (SharedBaseT2I does this)")
+        B = cond.batch_size[0]
+        return {PROMPT_EMBEDS: self._null_prompt_embeds.expand(B, -1, -1),
+                POOLED_PROMPT_EMBEDS: self._null_pooled.expand(B, -1)}
+
 GENERATOR = "generator"
 CRITIC = "critic"
 
