@@ -32,7 +32,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (NullEmbeddings, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
+from dmdr.models.t2i import (DiffusersDenoiser, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
                              check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae)
 from dmdr.paths import FlowMatching
 
@@ -47,7 +47,7 @@ def sd3_timestep(t: Tensor, *, rounded: bool = True) -> Tensor:
     return s.round() if rounded else s
 
 
-class SD3Denoiser(NullEmbeddings, nn.Module):
+class SD3Denoiser(DiffusersDenoiser):
     """Wrap a diffusers ``SD3Transformer2DModel`` as a flow-matching denoiser (see the module docstring).
 
     Args:
@@ -62,16 +62,8 @@ class SD3Denoiser(NullEmbeddings, nn.Module):
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=SD3_LORA_TARGETS)
 
     def __init__(self, transformer: nn.Module, *, t_min: float = SD3_T_MIN, round_timesteps: bool = True):
-        super().__init__()
-        self.net = transformer
-        self.path = FlowMatching(t_min=t_min)
+        super().__init__(transformer, FlowMatching(t_min=t_min))
         self.round_timesteps = round_timesteps
-        self.register_buffer("_null_prompt_embeds", None, persistent=False)
-        self.register_buffer("_null_pooled", None, persistent=False)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.net.config.in_channels)
 
     def network_timestep(self, t: Tensor) -> Tensor:
         return sd3_timestep(t, rounded=self.round_timesteps)

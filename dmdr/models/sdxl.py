@@ -28,7 +28,7 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (NullEmbeddings, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, LoraSpec, T2IComponents,
+from dmdr.models.t2i import (DiffusersDenoiser, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, LoraSpec, T2IComponents,
                              TextEncoderStack, check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer,
                              tiny_vae)
 from dmdr.paths import DDPMEps, scaled_linear_alphas_cumprod
@@ -47,7 +47,7 @@ def sdxl_timestep(t: Tensor, num_train_timesteps: int = 1000) -> Tensor:
     return torch.clamp(torch.round(t * num_train_timesteps), 0, num_train_timesteps - 1).long()
 
 
-class SDXLDenoiser(NullEmbeddings, nn.Module):
+class SDXLDenoiser(DiffusersDenoiser):
     """Wrap a diffusers ``UNet2DConditionModel`` (SDXL) as an ε-prediction denoiser (see the module docstring)."""
 
     family = "sdxl"
@@ -56,15 +56,7 @@ class SDXLDenoiser(NullEmbeddings, nn.Module):
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=SDXL_LORA_TARGETS)
 
     def __init__(self, unet: nn.Module, *, alphas_cumprod: Tensor | None = None):
-        super().__init__()
-        self.net = unet
-        self.path = DDPMEps(alphas_cumprod if alphas_cumprod is not None else scaled_linear_alphas_cumprod())
-        self.register_buffer("_null_prompt_embeds", None, persistent=False)
-        self.register_buffer("_null_pooled", None, persistent=False)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.net.config.in_channels)
+        super().__init__(unet, DDPMEps(alphas_cumprod if alphas_cumprod is not None else scaled_linear_alphas_cumprod()))
 
     def network_timestep(self, t: Tensor) -> Tensor:
         return self.path.index(t)

@@ -52,10 +52,21 @@ POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"  # (B, P) pooled text embedding
 TIME_IDS = "time_ids"                          # (B, 6) SDXL micro-conditioning (h, w, top, left, h, w)
 
 
-class NullEmbeddings:
-    """Mixin for T2I denoisers: caches the unconditional (empty-prompt) embeddings used by ``null_cond`` for CFG.
+class DiffusersDenoiser(nn.Module):
+    """Base of the diffusers adapters: holds the network ``net`` and the ``path``, and caches the unconditional
+    (empty-prompt) embeddings that ``null_cond`` expands for CFG."""
 
-    The subclass registers the buffers ``_null_prompt_embeds`` / ``_null_pooled`` (None until set)."""
+    def __init__(self, net: nn.Module, path):
+        super().__init__()
+        self.net = net
+        self.path = path
+        self.register_buffer("_null_prompt_embeds", None, persistent=False)
+        self.register_buffer("_null_pooled", None, persistent=False)
+
+    @property
+    def in_channels(self) -> int:
+        """Latent channels of the wrapped network."""
+        return int(self.net.config.in_channels)
 
     def set_null_embeddings(self, null: TensorDict) -> None:
         """Cache the unconditional embeddings (batch 1, e.g. ``encoder([""])``) used by ``null_cond``."""
