@@ -16,6 +16,7 @@ from dmdr.models.t2i import (CRITIC, GENERATOR, POOLED_PROMPT_EMBEDS, PROMPT_EMB
 from dmdr.paths import FlowMatching  # noqa: E402
 from dmdr.schedules import few_step_grid  # noqa: E402
 from dmdr.scores import distribution_matching_targets  # noqa: E402
+from t2i_helpers import randomize as _randomize
 
 PROMPTS = ["a cat", "a dog"]
 
@@ -23,13 +24,6 @@ PROMPTS = ["a cat", "a dog"]
 def _shared(seed: int = 0, **kw) -> SharedBaseT2I:
     kw.setdefault("generator_lora", None)
     return SharedBaseT2I.from_components(build_tiny_sd3(seed), **kw)
-
-
-def _randomize(params, seed: int, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _record_timesteps(net):

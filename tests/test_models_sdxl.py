@@ -11,15 +11,9 @@ from dmdr.models.sdxl import SDXL_ONE_STEP_T, SDXLDenoiser, build_tiny_sdxl, loa
 from dmdr.models.t2i import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, SharedBaseT2I, decode_latents,  # noqa: E402
                              export_lora_diffusers, sample_t2i, t2i_grid)
 from dmdr.paths import DDPMEps, scaled_linear_alphas_cumprod  # noqa: E402
+from t2i_helpers import randomize as _randomize
 
 PROMPTS = ["a cat", "a dog"]
-
-
-def _randomize(params, seed: int, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _record_timesteps(net):

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from dmdr import keys as K
 from dmdr.models.t2i import (DiffusersDenoiser, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
                              check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae)
 from dmdr.paths import FlowMatching
@@ -70,13 +69,7 @@ class SD3Denoiser(DiffusersDenoiser):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: TensorDict, *, lora_scale: float | None = None) -> Tensor:
         """Velocity ``v(x_t, t, cond)`` in ``x_t``'s dtype. ``lora_scale`` → diffusers' ``joint_attention_kwargs``."""
-        fn = "SD3Denoiser"
-        pe = K.require(cond, PROMPT_EMBEDS, fn=fn, field="prompt_embeds")
-        pooled = K.require(cond, POOLED_PROMPT_EMBEDS, fn=fn, field="pooled_prompt_embeds")
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        dtype = next(self.net.parameters()).dtype
+        pe, pooled, t, dtype = self._forward_inputs(x_t, t, cond)
         out = self.net(hidden_states=x_t.to(dtype), timestep=self.network_timestep(t).to(x_t.device),
                        encoder_hidden_states=pe.to(dtype), pooled_projections=pooled.to(dtype),
                        joint_attention_kwargs=None if lora_scale is None else {"scale": float(lora_scale)},

@@ -63,14 +63,8 @@ class SDXLDenoiser(DiffusersDenoiser):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: TensorDict, *, lora_scale: float | None = None) -> Tensor:
         """ε̂(x_t, t, cond) in ``x_t``'s dtype. ``lora_scale`` → diffusers' ``cross_attention_kwargs``."""
-        fn = "SDXLDenoiser"
-        pe = K.require(cond, PROMPT_EMBEDS, fn=fn, field="prompt_embeds")
-        pooled = K.require(cond, POOLED_PROMPT_EMBEDS, fn=fn, field="pooled_prompt_embeds")
-        time_ids = K.require(cond, TIME_IDS, fn=fn, field="time_ids")
-        B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        dtype = next(self.net.parameters()).dtype
+        pe, pooled, t, dtype = self._forward_inputs(x_t, t, cond)
+        time_ids = K.require(cond, TIME_IDS, fn="SDXLDenoiser", field="time_ids")
         out = self.net(x_t.to(dtype), self.network_timestep(t).to(x_t.device), encoder_hidden_states=pe.to(dtype),
                        added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                        cross_attention_kwargs=None if lora_scale is None else {"scale": float(lora_scale)},

@@ -68,6 +68,15 @@ class DiffusersDenoiser(nn.Module):
         """Latent channels of the wrapped network."""
         return int(self.net.config.in_channels)
 
+    def _forward_inputs(self, x_t: Tensor, t: Tensor, cond: TensorDict) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+        """(prompt_embeds (B,L,D), pooled (B,P), t (B,), network dtype); missing keys are named errors."""
+        fn = type(self).__name__
+        pe = K.require(cond, PROMPT_EMBEDS, fn=fn, field="prompt_embeds")
+        pooled = K.require(cond, POOLED_PROMPT_EMBEDS, fn=fn, field="pooled_prompt_embeds")
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
+        return pe, pooled, t, next(self.net.parameters()).dtype
+
     def set_null_embeddings(self, null: TensorDict) -> None:
         """Cache the unconditional embeddings (batch 1, e.g. ``encoder([""])``) used by ``null_cond``."""
         self._null_prompt_embeds = null[PROMPT_EMBEDS][:1].detach().clone()
