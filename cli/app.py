@@ -294,7 +294,8 @@ def _sample_t2i_run(run: Path, prompt: List[str], prompts_file: Optional[Path], 
     res = x["resolution"]
     bundle.generator_module.eval()
     images = torch.cat([sample_t2i(x["shared"], None, texts[i:i + 8], steps=steps or g.steps, shift=g.shift,
-                                   height=res, width=res, seed=seed + i) for i in range(0, len(texts), 8)])
+                                   height=res, width=res, seed=seed + i, mode=g.backward_sim)
+                        for i in range(0, len(texts), 8)])
     save_grid(images, out, nrow=min(4, len(texts)), scale=max(1, 64 // res))
     typer.echo(f"wrote {len(texts)} samples ({steps or g.steps} steps, {path.name}) to {out}")
 

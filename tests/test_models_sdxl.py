@@ -82,22 +82,28 @@ def test_encoder_matches_diffusers_and_time_ids():
     ref_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), dtype=pe.dtype,
                                      text_encoder_projection_dim=comps.encoder.text_encoder_2.config.projection_dim)
     assert torch.equal(cond[TIME_IDS], ref_ids.expand(2, 6))
-    # diffusers' force_zeros_for_empty_prompt: the unconditional embeddings are zeros
-    assert not neg.any() and not neg_pooled.any()
+    # dmdr's pipeline keeps the encoder's choice: the encoded "" (official), so diffusers' negatives match ours
+    null = comps.encoder.null()
+    assert torch.allclose(neg, null[PROMPT_EMBEDS].expand_as(neg), atol=1e-6) and neg.abs().sum() > 0
+    assert torch.allclose(neg_pooled, null[POOLED_PROMPT_EMBEDS].expand_as(neg_pooled), atol=1e-6)
 
 
-def test_null_cond_zeros_with_cond_time_ids_or_encoded_empty_prompt():
+def test_null_cond_is_the_encoded_empty_prompt_with_cond_time_ids():
+    # official train_sdxl_refl_deepspeed.py: neg_prompt_embed = compute_text_embeddings([""], ...), not zeros
     comps = build_tiny_sdxl(0)
     shared = SharedBaseT2I.from_components(comps, generator_lora=None)
     cond = shared.encode(PROMPTS, height=16, width=24)
     null = shared.null_cond(cond)
-    assert null.batch_size == torch.Size([2]) and not null[PROMPT_EMBEDS].any() and not null[POOLED_PROMPT_EMBEDS].any()
+    empty = comps.encoder([""])
+    assert null.batch_size == torch.Size([2])
+    assert torch.equal(null[PROMPT_EMBEDS][1], empty[PROMPT_EMBEDS][0]) and null[PROMPT_EMBEDS].abs().sum() > 0
+    assert torch.equal(null[POOLED_PROMPT_EMBEDS][0], empty[POOLED_PROMPT_EMBEDS][0])
     assert torch.equal(null[TIME_IDS], cond[TIME_IDS]) and cond[TIME_IDS][0].tolist() == [16, 24, 0, 0, 16, 24]
+    # diffusers' inference default (force_zeros_for_empty_prompt) stays available
     comps2 = build_tiny_sdxl(0)
-    comps2.encoder.zero_empty_prompt = False
+    comps2.encoder.zero_empty_prompt = True
     null2 = SharedBaseT2I.from_components(comps2, generator_lora=None).null_cond(cond)
-    assert torch.allclose(null2[PROMPT_EMBEDS][0], comps2.encoder([""])[PROMPT_EMBEDS][0])
-    assert null2[PROMPT_EMBEDS].abs().sum() > 0
+    assert not null2[PROMPT_EMBEDS].any() and not null2[POOLED_PROMPT_EMBEDS].any()
 
 
 def test_trainable_sets_and_gradient_isolation_with_conv_loras():

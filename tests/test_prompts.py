@@ -9,10 +9,11 @@ import torch
 from dmdr.data.prompts import PromptSampler, load_prompts
 
 
-def test_plain_text_skips_blanks_and_comments(tmp_path):
+def test_plain_text_keeps_every_non_empty_line_hash_included(tmp_path):
+    # the official TextPromptDataset keeps every line: "#" is a legal prompt character (e.g. "#1 fan, poster")
     f = tmp_path / "p.txt"
-    f.write_text("# header\n a red fox \n\n#skip me\nA blue car\n   \n", encoding="utf-8")
-    assert load_prompts(f) == ["a red fox", "A blue car"]
+    f.write_text("#1 fan poster\n a red fox \n\n#hashtag sunset\nA blue car\n   \n", encoding="utf-8")
+    assert load_prompts(f) == ["#1 fan poster", "a red fox", "#hashtag sunset", "A blue car"]
 
 
 def test_jsonl_reads_prompt_field(tmp_path):
@@ -26,7 +27,7 @@ def test_jsonl_reads_prompt_field(tmp_path):
 
 @pytest.mark.parametrize("content,suffix,match", [
     ("", ".txt", "holds no prompts"),
-    ("# only a comment\n\n", ".txt", "holds no prompts"),
+    ("\n   \n\n", ".txt", "holds no prompts"),
     ('{"prompt": "ok"}\nnot json\n', ".jsonl", "line 2: invalid JSON"),
     ('{"text": "no prompt key"}\n', ".jsonl", "line 1: expected an object with a string 'prompt'"),
 ])

@@ -2,7 +2,8 @@
 
 DMDR is image-free: text-to-image runs train on prompts only (method.md §3.2, ``t2i-2m-filtered-prompts.txt``).
 
-* :func:`load_prompts` reads a plain-text file (one prompt per line; blank lines and ``#`` comments skipped) or
+* :func:`load_prompts` reads a plain-text file (one prompt per line, every non-empty line kept: ``#`` is a legal
+  prompt character, as in the official ``TextPromptDataset``) or
   a JSONL file (``{"prompt": ...}`` per line, selected by the ``.jsonl`` suffix). An empty, missing or malformed
   file raises a one-line :class:`ValueError` naming the file.
 * :class:`PromptSampler` yields batches of prompts: a fresh random permutation per epoch, drawn from its own
@@ -26,8 +27,9 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 def load_prompts(path: str | Path, *, key: str = "prompt") -> list[str]:
     """Read prompts from ``path`` (plain text, or JSONL when the suffix is ``.jsonl``/``.ndjson``).
 
-    Plain text: one prompt per line, surrounding whitespace stripped, blank lines and lines starting with ``#``
-    skipped. JSONL: one JSON object per non-blank line with a string field ``key``.
+    Plain text: one prompt per line, surrounding whitespace stripped, blank lines skipped; every other line is a
+    prompt, also one starting with ``#`` (the official ``TextPromptDataset`` keeps ``line.strip()`` of every line;
+    dmdr drops only the empty ones, which would train on the unconditional prompt). JSONL: one JSON object per non-blank line with a string field ``key``.
 
     Raises:
         ValueError: one line naming the file, when it cannot be read, is malformed or holds no prompts.
@@ -54,10 +56,10 @@ def load_prompts(path: str | Path, *, key: str = "prompt") -> list[str]:
     else:
         for line in text.splitlines():
             line = line.strip()
-            if line and not line.startswith("#"):
+            if line:
                 prompts.append(line)
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts (blank lines and # comments are skipped)")
+        raise ValueError(f"prompt file {path} holds no prompts (only blank lines)")
     return prompts
 
 

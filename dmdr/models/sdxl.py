@@ -10,13 +10,16 @@ Contract: ``denoiser(x_t (B,4,h,w), t (B,) ∈ [0,1], cond) -> ε̂ (B,4,h,w)`` 
   ``t = SDXL_ONE_STEP_T = 0.399``; :func:`dmdr.models.t2i.t2i_grid` returns ``[0.399, 0]`` for one step.
 * **Conditioning**: TensorDict ``prompt_embeds`` (B,77,2048), ``pooled_prompt_embeds`` (B,1280) and ``time_ids``
   (B,6) = (h, w, crop_top, crop_left, h, w) in pixels, passed as ``added_cond_kwargs={"text_embeds",
-  "time_ids"}``. ``null_cond`` returns zeros for both text embeddings (diffusers' ``force_zeros_for_empty_prompt``,
-  the SDXL-base default, which the official code inherits through ``pipe.encode_prompt``) with ``cond``'s
-  ``time_ids``; ``zero_empty_prompt=False`` on the encoder uses the encoded empty prompt instead.
+  "time_ids"}``. ``null_cond`` returns the *encoded empty prompt* ``""`` (both text embeddings) with ``cond``'s
+  ``time_ids``, as the official code does (``compute_text_embeddings([""], ...)`` in
+  ``train_t2i/sdxl/train_sdxl_refl_deepspeed.py``, which calls its own ``encode_prompt``, not the pipeline's, so
+  diffusers' ``force_zeros_for_empty_prompt`` never applies). ``zero_empty_prompt=True`` on the encoder gives
+  diffusers' inference default (zeros) instead.
 * **LoRA scale**: dmdr scales its adapters through :func:`dmdr.models.lora.adapter_scope`; ``forward(...,
   lora_scale=s)`` forwards ``cross_attention_kwargs={"scale": s}`` for LoRAs loaded through diffusers.
-* **Deviation**: the official SDXL generator is a *full* fine-tune of DMD2's ODE-pretrained checkpoint; dmdr's
-  shared-base layout trains a generator LoRA (default r64/α128 on the critic's target modules).
+* **Generator**: the official SDXL generator is a *full* fine-tune of DMD2's ODE-pretrained one-step UNet (a second
+  network; the SDXL base stays teacher and critic base). dmdr expresses it with ``generator.lora: null`` and
+  ``generator.init`` (:mod:`dmdr.train.t2i_bundle`); a generator LoRA on the shared base is the other option.
 """
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ class SDXLTextEncoder(TextEncoderStack):
     """
 
     def __init__(self, text_encoder: nn.Module, tokenizer, text_encoder_2: nn.Module, tokenizer_2, *,
-                 zero_empty_prompt: bool = True):
+                 zero_empty_prompt: bool = False):
         super().__init__()
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
@@ -122,7 +125,7 @@ class SDXLTextEncoder(TextEncoderStack):
                           batch_size=[len(prompts)], device=self.device)
 
     def null(self, negative_prompt: str = "") -> TensorDict:
-        """Zeros (``zero_empty_prompt`` and an empty negative prompt, the diffusers SDXL default) or the encoding."""
+        """The encoded ``negative_prompt`` (official); zeros only with ``zero_empty_prompt`` and an empty prompt."""
         td = self([negative_prompt])
         if self.zero_empty_prompt and negative_prompt == "":
             td = td.apply(torch.zeros_like)
@@ -190,7 +193,7 @@ def _scheduler_alphas(root: Path) -> Tensor:
 
 
 def load_sdxl(path: str | Path | None, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-              vae_path: str | Path | None = None, zero_empty_prompt: bool = True, field: str = "model.path",
+              vae_path: str | Path | None = None, zero_empty_prompt: bool = False, field: str = "model.path",
               **denoiser_kwargs) -> T2IComponents:
     """Load SDXL from a local diffusers folder (``local_files_only=True``; nothing is downloaded).
 

@@ -300,7 +300,9 @@ class SharedBaseT2I(nn.Module):
             likewise for the VAE (default: ``dtype``).
         adapter_dtype: dtype of the LoRA parameters (float32 by default, as in diffusers' training scripts).
         offload_idle: move the text encoders (and the VAE after a no-grad decode) to the CPU when idle.
-        cache_size: entries of the prompt-embedding cache (0 disables it); ``cache_device`` where they live.
+        cache_size: entries of the prompt-embedding cache (0 disables it); ``cache_device`` where they live (CPU by
+            default: with a large prompt file almost no entry is hit again, so they must not hold GPU memory; a hit
+            costs one host-to-device copy of (L, D) values).
         gradient_checkpointing: enable activation checkpointing in the base network.
         negative_prompt: the prompt whose embeddings are the unconditional branch (``null_cond``).
 
@@ -313,7 +315,7 @@ class SharedBaseT2I(nn.Module):
                  generator_lora: LoraSpec | None = None, critic_lora: LoraSpec | None = None,
                  dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
                  adapter_dtype: torch.dtype | None = torch.float32, offload_idle: bool = False,
-                 cache_size: int = 512, cache_device: torch.device | str | None = None,
+                 cache_size: int = 512, cache_device: torch.device | str | None = "cpu",
                  gradient_checkpointing: bool = False, negative_prompt: str = ""):
         super().__init__()
         self.denoiser, self.vae, self.encoder = denoiser, vae, encoder
@@ -346,6 +348,17 @@ class SharedBaseT2I(nn.Module):
         denoiser.set_null_embeddings(null)
         if offload_idle:
             self.encoder.to("cpu")
+
+    def train(self, mode: bool = True) -> "SharedBaseT2I":
+        """Train/eval mode for the denoiser only: the text encoders and the VAE(s) stay in eval mode for the whole
+        run. (T5-v1.1-XXL has dropout 0.1: in train mode every prompt would get random embeddings, and the prompt
+        cache would keep them. The official code calls ``.train()`` on the network alone.)"""
+        super().train(mode)
+        self.encoder.eval()
+        self.vae.eval()
+        if getattr(self, "reward_vae", None) is not None:
+            self.reward_vae.eval()
+        return self
 
     @classmethod
     def from_components(cls, components: T2IComponents, **kwargs) -> "SharedBaseT2I":
@@ -484,7 +497,7 @@ def sample_t2i(shared_or_denoiser: Any, vae: nn.Module | None, prompts: Sequence
                encoder: TextEncoderStack | None = None, return_latents: bool = False) -> Tensor:
     """Few-step text-to-image sampling with the training grid, then VAE decode: images (B, 3, H, W) in [0, 1].
 
-    ``x_0 ~ N(0, I)`` (CPU generator seeded with ``seed``, so the noise is device independent), then
+    ``x_0 ~ N(0, I)`` in float32 (CPU generator seeded with ``seed``, so the noise is device independent), then
     :func:`dmdr.samplers.few_step_rollout` on :func:`t2i_grid` (``mode="ode"``: Euler/DDIM steps; ``"sde"``:
     renoise x̂0 with fresh noise, the official SDXL multi-step sampler); the last step returns x̂0. No CFG
     (DMDR students are sampled without guidance, method.md §2.13).
@@ -522,11 +535,13 @@ def sample_t2i(shared_or_denoiser: Any, vae: nn.Module | None, prompts: Sequence
         device, dtype = p.device, p.dtype
     B = cond.batch_size[0]
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(B, C, h, w, generator=gen).to(device=device, dtype=dtype)
+    # noise and grid stay float32 (as in training): bf16 noise would make the rollout's t bf16 and quantise the
+    # network timesteps (e.g. 1000/898/750/500 instead of 1000/900/750/500); the network casts its inputs itself
+    noise = torch.randn(B, C, h, w, generator=gen).to(device=device, dtype=torch.float32)
     step_noise = None
     if mode == "sde" and steps > 1:
-        step_noise = torch.randn(steps, B, C, h, w, generator=gen).to(device=device, dtype=dtype)
-    grid = t2i_grid(model.path, steps, shift)
+        step_noise = torch.randn(steps, B, C, h, w, generator=gen).to(device=device, dtype=torch.float32)
+    grid = t2i_grid(model.path, steps, shift).to(device=device, dtype=torch.float32)
     latents = few_step_rollout(model, noise, grid, cond.to(device), mode=mode, step_noise=step_noise)[K.SAMPLE]
     if return_latents:
         return latents

@@ -477,7 +477,7 @@ class DMDRTrainer:
             self.bundle.generator_module.eval()
             g, res = self.recipe.generator, x["resolution"]
             images = sample_t2i(x["shared"], None, x["sample_prompts"], steps=g.steps, shift=g.shift, height=res,
-                                width=res, seed=1234)
+                                width=res, seed=1234, mode=g.backward_sim)
             return save_grid(images, path, nrow=min(4, images.shape[0]), scale=max(1, 64 // res))
         if self.recipe.model.family != "tiny":
             return None

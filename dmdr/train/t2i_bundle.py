@@ -8,7 +8,7 @@ docs/models.md):
   real/fake scores are ``AdapterView(base, "critic", λ)``; the generator is ``AdapterView(base, "generator", 1)``.
 * ``sample_cond(B)`` draws B prompts from a :class:`~dmdr.data.prompts.PromptSampler` over ``data.prompts`` and
   returns ``(cond, uncond, prompts)``: the prompt embeddings (TensorDict, cached per prompt), the unconditional
-  embeddings (empty prompt; zeros for SDXL) and the prompt strings the rewards read.
+  embeddings (the encoded empty prompt "", as the official code) and the prompt strings the rewards read.
 * ``decode(x)`` = :func:`dmdr.models.t2i.decode_latents` (differentiable, images in [0, 1]).
 * ``extra``: ``shared`` (the :class:`SharedBaseT2I`), ``grid`` (the training grid, :func:`~dmdr.models.t2i.t2i_grid`),
   ``resolution``, ``sample_prompts`` (fixed prompts of the sample grids), ``prompt_sampler`` and
