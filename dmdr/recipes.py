@@ -82,6 +82,13 @@ class Model(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype of the frozen base (T2I)")
     offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
     max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
+    config: Literal["sd3-medium", "sd35-large", "sdxl-base"] | None = Field(
+        None, description="shipped real configuration (dmdr/models/configs): --smoke stand-ins and the --dry-run "
+        "memory estimate; default: sd3-medium for sd3, sdxl-base for sdxl")
+    vae_gradient_checkpointing: bool = Field(False, description="activation checkpointing in the VAE decoder used "
+                                             "for reward decoding (T2I)")
+    reward_vae: str | None = Field(None, description="local AutoencoderTiny folder (e.g. taesdxl) that decodes "
+                                   "images for the rewards instead of the full VAE (T2I; official SDXL set-up)")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -162,6 +169,9 @@ class Generator(Strict):
     shift: float = Field(1.0, gt=0, description="grid shift S (method.md §2.1)")
     backward_sim: Literal["ode", "sde"] = "sde"
     lora: LoRA | None = Field(None, description="None = full fine-tune (SiT/digits); a LoRA = adapter on the base")
+    init: str | None = Field(None, description="initial weights of a full-weights generator (lora: null): T2I, a "
+                             "UNet/transformer state dict (.safetensors/.bin) or diffusers model folder (official "
+                             "SDXL: DMD2's ODE-pretrained 1-step UNet); digits, a tiny-DiT .safetensors")
 
 
 class Critic(Strict):

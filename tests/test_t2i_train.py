@@ -42,7 +42,10 @@ def _smoke_recipe(family, *extra):
 def test_recipes_mirror_the_official_runs(name):
     r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
     sd3 = r.model.family == "sd3"
-    assert r.generator.lora is not None and r.generator.lora.rank == 64 and r.generator.lora.alpha == 128
+    if r.model.family == "sd3":
+        assert r.generator.lora is not None and r.generator.lora.rank == 64 and r.generator.lora.alpha == 128
+    else:  # official SDXL: a full-weights generator from DMD2's ODE-pretrained 1-step UNet (--use-lora-gen 0)
+        assert r.generator.lora is None and r.generator.init.endswith(".bin")
     assert (r.critic.lora.rank, r.critic.lora.alpha, r.critic.scale_fake, r.optim.ratio) == (32, 32, 2.0, 5)
     assert r.data.dataset == "prompts" and r.model.path.startswith("/path/to/")
     assert len(r.stages) == 2 and not r.stages[0].rewards
@@ -68,7 +71,8 @@ def _frozen(shared):
 def test_smoke_training_updates_only_the_adapters(family, tmp_path):
     from dmdr.train.dmdr import DMDRTrainer
 
-    r = _smoke_recipe(family)
+    lora = ["generator.init=null", "generator.lora={rank: 64, alpha: 128, targets: [to_q, to_k, to_v, to_out.0]}"]
+    r = _smoke_recipe(family, *(lora if family == "sdxl" else []))  # SDXL's LoRA-generator option
     tr = DMDRTrainer(r, tmp_path, torch.device("cpu"), console=lambda *a, **k: None)
     b, shared = tr.bundle, tr.bundle.extra["shared"]
     assert b.generator_is_lora and b.base is shared.denoiser
@@ -101,7 +105,7 @@ def test_bundle_grid_and_generator_input():
 
     xl = build_bundle(_smoke_recipe("sdxl"), torch.device("cpu"))
     assert xl.extra["grid"].tolist() == pytest.approx([0.399, 0.0])
-    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x0, eps = torch.randn(2, *xl.sample_shape), torch.randn(2, *xl.sample_shape)
     t = torch.full((2,), 0.399)
     assert torch.equal(xl.path.renoise(x0, t, eps), eps)
     assert not torch.allclose(xl.base.path.renoise(x0, t, eps), eps)
@@ -113,7 +117,7 @@ def test_bundle_grid_and_generator_input():
     assert cond.batch_size == torch.Size([3]) and uncond.batch_size == torch.Size([3]) and len(prompts) == 3
     assert all(isinstance(p, str) for p in prompts)
     img = sd3.decode(torch.randn(1, *sd3.sample_shape, requires_grad=True))
-    assert img.shape == (1, 3, 16, 16) and img.requires_grad
+    assert img.shape == (1, 3, 64, 64) and img.requires_grad and sd3.sample_shape == (16, 8, 8)
 
 
 def test_trainer_uses_the_family_grid(tmp_path):
@@ -159,7 +163,7 @@ def test_cli_sample_bad_input(sd3_run, tmp_path):
     png = tmp_path / "x.png"
     _one_line_error(*_cli("sample", "--run", sd3_run, "--out", png), "needs --prompt TEXT")
     empty = tmp_path / "empty.txt"
-    empty.write_text("\n# nothing\n")
+    empty.write_text("\n   \n")
     _one_line_error(*_cli("sample", "--run", sd3_run, "--prompts", empty, "--out", png), "holds no prompts")
     _one_line_error(*_cli("sample", "--run", sd3_run, "--prompt", "x", "--out", tmp_path / "x.npz"), ".png grid")
     # a run whose recipe no longer matches its checkpoint: the error lists the first keys
@@ -197,8 +201,8 @@ def test_cli_train_bad_input(tmp_path):
                     "cannot read prompt file")
     _one_line_error(*_cli("train", sd3, "--out", tmp_path / "f", "--set", "data.prompts=/nonexistent/p.txt"),
                     "data.prompts=/nonexistent/p.txt")
-    _one_line_error(*_cli("train", sd3, "--out", tmp_path / "g", "--smoke", "--set", "generator.lora=null"),
-                    "generator.lora is not set")
+    _one_line_error(*_cli("train", sd3, "--out", tmp_path / "g", "--set", f"data.prompts={prompts}",
+                          "--set", "generator.lora=null"), "generator.lora is null and generator.init is not set")
     _one_line_error(*_cli("train", sd3, "--out", tmp_path / "h", "--smoke", "--set", "model.t_min=0.0"),
                     "model.t_min")
     _one_line_error(*_cli("train", sd3, "--out", tmp_path / "i", "--smoke", "--set", "critic.lora.targets=[qkv]"),

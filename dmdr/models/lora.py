@@ -131,3 +131,25 @@ class AdapterView:
 
     def __repr__(self) -> str:
         return f"AdapterView(adapter={self.adapter!r}, scale={self.scale})"
+
+
+def copy_adapter(module: nn.Module, src: str, dst: str) -> list[nn.Parameter]:
+    """Inject adapter ``dst`` with ``src``'s config and a copy of its current weights, frozen (e.g. a fixed
+    reference policy sharing the base: LoRA-sized memory, not a copy of the network). Returns ``dst``'s params."""
+    import torch
+
+    cfg = module.peft_config[src]
+    targets = cfg.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+    add_lora(module, dst, rank=cfg.r, alpha=cfg.lora_alpha, target_modules=targets, init=True)
+    named = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in lora_state_dict(module, src).items():
+            named[name[: -len(f".{src}.weight")] + f".{dst}.weight"].copy_(value)
+    return lora_parameters(module, dst)
+
+
+def adapter_is_identity(module: nn.Module, adapter: str) -> bool:
+    """True when every ``lora_B`` of ``adapter`` is zero, i.e. base + Δ_adapter equals the base."""
+    return all(not p.any() for n, p in module.named_parameters()
+               if ".lora_B." in n and n.endswith(f".{adapter}.weight"))

@@ -56,7 +56,7 @@ def shrink_config(name: str) -> dict:
     """The real config of ``name`` shrunk in width and depth only (see the module docstring).
 
     Widths: CLIP-L 768→16, CLIP-G 1280→32, T5 4096→64 (so the SD3 padding ``768+1280 ≤ 4096`` keeps its shape
-    ``16+32 ≤ 64``), SD3 transformer 24/38 heads × 64 → 2 × 8, SDXL UNet (320, 640, 1280) → (32, 64, 128), VAE
+    ``16+32 ≤ 64``), SD3 transformer 24/38 heads × 64 → 2 × 8, SDXL UNet (320, 640, 1280) → (16, 32, 64), VAE
     (128, 256, 512, 512) → (8, 16, 32, 32). Depths: 2 layers everywhere, one resnet per block.
     """
     cfg = copy.deepcopy(real_config(name))
@@ -72,7 +72,7 @@ def shrink_config(name: str) -> dict:
         n.update(num_layers=2, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16,
                  joint_attention_dim=64, pooled_projection_dim=pooled)
     else:
-        n.update(block_out_channels=[32, 64, 128], attention_head_dim=[2, 4, 4], transformer_layers_per_block=[1, 1, 2],
+        n.update(block_out_channels=[16, 32, 64], attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 1, 2],
                  layers_per_block=1, cross_attention_dim=16 + 32, addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=pooled + 6 * 8, norm_num_groups=8)
     cfg["vae"].update(block_out_channels=[8, 16, 32, 32], layers_per_block=1, norm_num_groups=4)

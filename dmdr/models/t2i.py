@@ -305,6 +305,13 @@ class SharedBaseT2I(nn.Module):
             costs one host-to-device copy of (L, D) values).
         gradient_checkpointing: enable activation checkpointing in the base network.
         negative_prompt: the prompt whose embeddings are the unconditional branch (``null_cond``).
+        generator_network: a second denoiser (same family) that *is* the generator, fully trainable (the official
+            SDXL set-up: DMD2's ODE-pretrained 1-step UNet, full fine-tune); then no generator adapter is injected
+            and the base carries only the critic adapter. Its dtype is kept (float32 master weights: an AdamW
+            step of lr 5e-8 is below bf16's resolution).
+        reward_vae: a VAE used only by :meth:`decode_reward` (e.g. taesdxl, ``AutoencoderTiny``).
+        vae_gradient_checkpointing: activation checkpointing in the VAE(s): a differentiable 1024 px decode keeps
+            about 11 GiB of activations per image in bf16 without it.
 
     Trainable sets are explicit: exactly the two adapters' LoRA matrices have ``requires_grad=True``; the
     generator optimiser takes :meth:`generator_parameters`, the critic optimiser :meth:`critic_parameters`.
@@ -316,9 +323,13 @@ class SharedBaseT2I(nn.Module):
                  dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
                  adapter_dtype: torch.dtype | None = torch.float32, offload_idle: bool = False,
                  cache_size: int = 512, cache_device: torch.device | str | None = "cpu",
-                 gradient_checkpointing: bool = False, negative_prompt: str = ""):
+                 gradient_checkpointing: bool = False, negative_prompt: str = "",
+                 generator_network: nn.Module | None = None, reward_vae: nn.Module | None = None,
+                 vae_gradient_checkpointing: bool = False):
         super().__init__()
         self.denoiser, self.vae, self.encoder = denoiser, vae, encoder
+        self.generator_denoiser = generator_network  # full-weights generator (a second network) or None (LoRA)
+        self.reward_vae = reward_vae
         self.family = getattr(denoiser, "family", "t2i")
         self.offload_idle = offload_idle
         self.negative_prompt = negative_prompt
@@ -329,9 +340,15 @@ class SharedBaseT2I(nn.Module):
             vae.to(vae_dtype or dtype)
         elif vae_dtype is not None:
             vae.to(vae_dtype)
-        self.generator_lora = generator_lora or denoiser.DEFAULT_GENERATOR_LORA
+        if reward_vae is not None:
+            reward_vae.requires_grad_(False)
+            if dtype is not None or vae_dtype is not None:
+                reward_vae.to(vae_dtype or dtype)
+        self.generator_lora = None if generator_network is not None else \
+            (generator_lora or denoiser.DEFAULT_GENERATOR_LORA)
         self.critic_lora = critic_lora or denoiser.DEFAULT_CRITIC_LORA
-        for name, spec in ((GENERATOR, self.generator_lora), (CRITIC, self.critic_lora)):
+        adapters = ((GENERATOR, self.generator_lora), (CRITIC, self.critic_lora))
+        for name, spec in (a for a in adapters if a[1] is not None):
             with warnings.catch_warnings():  # peft warns that a second adapter is "multiple adapters": intended
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 add_lora(denoiser.net, name, rank=spec.rank, alpha=spec.alpha,
@@ -342,10 +359,16 @@ class SharedBaseT2I(nn.Module):
         set_trainable(self, self.generator_parameters() + self.critic_parameters())
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        if vae_gradient_checkpointing:
+            for v in (vae, reward_vae):
+                if v is not None:
+                    v.enable_gradient_checkpointing()
         self.cache = PromptEmbeddingCache(cache_size, device=cache_device)
         with torch.no_grad(), self._on_device(self.encoder):
             null = self.encoder.null(negative_prompt)
         denoiser.set_null_embeddings(null)
+        if generator_network is not None:
+            generator_network.set_null_embeddings(null)
         if offload_idle:
             self.encoder.to("cpu")
 
@@ -365,16 +388,26 @@ class SharedBaseT2I(nn.Module):
         return cls(components.denoiser, components.vae, components.encoder, **kwargs)
 
     # -- trainable sets and views ------------------------------------------------------------------------------
+    @property
+    def full_generator(self) -> bool:
+        """True when the generator is a second, full-weights network (``generator_network``), not a LoRA."""
+        return self.generator_denoiser is not None
+
     def generator_parameters(self) -> list[nn.Parameter]:
-        """The generator adapter's LoRA matrices (the generator optimiser's parameters)."""
+        """The generator optimiser's parameters: the adapter's LoRA matrices, or every weight of the full-weights
+        generator network."""
+        if self.full_generator:
+            return list(self.generator_denoiser.net.parameters())
         return lora_parameters(self.denoiser.net, GENERATOR)
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """The critic adapter's LoRA matrices (the critic optimiser's parameters)."""
         return lora_parameters(self.denoiser.net, CRITIC)
 
-    def generator(self) -> AdapterView:
-        """G = base + Δ_generator (scale 1)."""
+    def generator(self):
+        """G = base + Δ_generator (scale 1), or the full-weights generator network."""
+        if self.full_generator:
+            return self.generator_denoiser
         return AdapterView(self.denoiser, GENERATOR, 1.0)
 
     def fake_score(self, scale: float = 2.0) -> AdapterView:
@@ -400,15 +433,21 @@ class SharedBaseT2I(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Activation checkpointing in the base, adapter-aware (:func:`adapter_aware_checkpoint`)."""
         self.denoiser.net.enable_gradient_checkpointing(adapter_aware_checkpoint)
+        if self.full_generator:
+            self.generator_denoiser.net.enable_gradient_checkpointing(adapter_aware_checkpoint)
 
     def trainable_state_dict(self) -> dict[str, dict[str, Tensor]]:
         """``{"generator": {...}, "critic": {...}}``: the only weights a checkpoint needs besides the base."""
-        return {GENERATOR: {k: v.clone() for k, v in lora_state_dict(self.denoiser.net, GENERATOR).items()},
+        gen = self.generator_denoiser.net.state_dict() if self.full_generator else \
+            lora_state_dict(self.denoiser.net, GENERATOR)
+        return {GENERATOR: {k: v.clone() for k, v in gen.items()},
                 CRITIC: {k: v.clone() for k, v in lora_state_dict(self.denoiser.net, CRITIC).items()}}
 
     def load_trainable_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
         params = dict(self.denoiser.net.named_parameters())
-        for adapter in (GENERATOR, CRITIC):
+        if self.full_generator:
+            self.generator_denoiser.net.load_state_dict(state[GENERATOR], strict=True)
+        for adapter in (CRITIC,) if self.full_generator else (GENERATOR, CRITIC):
             mine = lora_state_dict(self.denoiser.net, adapter)
             theirs = state[adapter]
             if set(mine) != set(theirs):
@@ -454,6 +493,15 @@ class SharedBaseT2I(nn.Module):
         keep = torch.is_grad_enabled() and latents.requires_grad
         with self._on_device(self.vae, keep=keep):
             return decode_latents(self.vae, latents)
+
+    def decode_reward(self, latents: Tensor) -> Tensor:
+        """Differentiable decode for the rewards: the tiny reward VAE (``reward_vae``, e.g. taesdxl, as the official
+        SDXL script) when set, else :meth:`decode`. Images (B, 3, H, W) in [0, 1]."""
+        if self.reward_vae is None:
+            return self.decode(latents)
+        keep = torch.is_grad_enabled() and latents.requires_grad
+        with self._on_device(self.reward_vae, keep=keep):
+            return decode_latents(self.reward_vae, latents)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = vae_scale_factor(self.vae)
@@ -575,6 +623,9 @@ def export_lora_diffusers(shared: SharedBaseT2I, out_dir: str | Path, family: st
     from peft import get_peft_model_state_dict
 
     family = family or shared.family
+    if adapter == GENERATOR and shared.full_generator:
+        raise ValueError("the generator is a full-weights network, not a LoRA: use export_generator / "
+                         "export_full_model")
     net = shared.denoiser.net
     state = get_peft_model_state_dict(net, adapter_name=adapter)
     if not state:
@@ -638,6 +689,56 @@ def export_full_model(shared: SharedBaseT2I, out_dir: str | Path, *, adapter: st
                           max_shard_size=max_shard_size)
     net.save_config(folder)
     return folder
+
+
+def export_generator(shared: SharedBaseT2I, run_dir: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write the student: the generator LoRA as ``run_dir/student_lora/pytorch_lora_weights.safetensors``
+    (:func:`export_lora_diffusers`) or, for a full-weights generator, the network as a diffusers model folder
+    ``run_dir/student_<unet|transformer>`` (load with ``UNet2DConditionModel.from_pretrained``). Returns the path."""
+    if not shared.full_generator:
+        return export_lora_diffusers(shared, Path(run_dir) / "student_lora", dtype=dtype)
+    net = shared.generator_denoiser.net
+    folder = Path(run_dir) / f"student_{shared.generator_denoiser.network_subfolder}"
+    net.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def load_network_weights(net: nn.Module, path: str | Path, field: str = "generator.init") -> nn.Module:
+    """Load a full state dict into ``net`` in place (strict): a ``.safetensors`` file, a ``torch.save`` file
+    (``.bin``/``.pt``, e.g. DMD2's ``sdxl_..._ode_pretraining_..._model_002000.bin``, read with
+    ``weights_only=True``) or a diffusers model folder. Bad input raises a one-line error naming ``field``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{field}={path}: no such file or folder; pass a local state dict (.safetensors, "
+                                f".bin) or diffusers model folder")
+    if p.is_dir():
+        try:
+            state = type(net).from_pretrained(p, local_files_only=True).state_dict()
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise ValueError(f"{field}={path}: not a {type(net).__name__} folder ({str(e).splitlines()[0][:120]})") \
+                from None
+    elif p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one user error
+            raise ValueError(f"{field}={path}: cannot read a state dict ({type(e).__name__})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ValueError(f"{field}={path}: expected a state dict (name -> tensor)")
+    own = net.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or bad:
+        raise ValueError(f"{field}={path}: weights do not match the {type(net).__name__} of model.path "
+                         f"(missing {missing[:2]}, unexpected {unexpected[:2]}, shape mismatch {bad[:2]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    return net
 
 
 def clean_network_copy(net: nn.Module) -> nn.Module:
@@ -709,7 +810,8 @@ def check_local_model_dir(path: str | Path | None, field: str = "model.path") ->
 __all__ = [
     "PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "TIME_IDS", "GENERATOR", "CRITIC", "LoraSpec", "PromptEmbeddingCache",
     "TextEncoderStack", "T2IComponents", "SharedBaseT2I", "vae_scale_factor", "decode_latents", "encode_images",
-    "t2i_grid", "sample_t2i", "export_lora_diffusers", "export_full_model", "merged_state_dict",
+    "t2i_grid", "sample_t2i", "export_lora_diffusers", "export_full_model", "merged_state_dict", "export_generator",
+    "load_network_weights",
     "clean_network_copy", "SDXL_ONE_STEP_INDEX", "adapter_aware_checkpoint", "byte_clip_vocab", "tiny_clip_tokenizer",
     "tiny_clip_text_encoder", "tiny_vae", "check_local_model_dir",
 ]

@@ -83,8 +83,11 @@ def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
     cl = recipe.critic.lora
     add_lora(base, "critic", rank=cl.rank, alpha=cl.alpha, target_modules=cl.targets)
     critic_params = lora_parameters(base, "critic")
+    if recipe.generator.init is not None and recipe.generator.lora is not None:
+        raise ValueError(f"generator.init={recipe.generator.init} needs generator.lora: null (full-weights student)")
     if recipe.generator.lora is None:
-        gen_module = load_tiny(recipe.model.teacher).to(device)  # a fresh full copy of the teacher
+        # a fresh full copy of the teacher, or the generator.init weights (same architecture)
+        gen_module = load_tiny(recipe.generator.init or recipe.model.teacher).to(device)
         gen_params = list(gen_module.parameters())
         gen_module.requires_grad_(True)
         generator, is_lora = gen_module, False

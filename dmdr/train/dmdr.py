@@ -496,13 +496,13 @@ class DMDRTrainer:
         """Write the student (EMA if enabled): a standalone tiny-DiT file with its grid in the metadata, or, for
         text-to-image runs, the generator LoRA as a diffusers LoRA folder ``path.parent / "student_lora"``."""
         if "shared" in self.bundle.extra:
-            from dmdr.models.t2i import export_lora_diffusers
+            from dmdr.models.t2i import export_generator
 
             live = {k: v.clone() for k, v in self.bundle.generator_state().items()}
             if self.ema is not None:
                 self.bundle.load_generator_state(self.ema)
             try:
-                return export_lora_diffusers(self.bundle.extra["shared"], path.parent / "student_lora")
+                return export_generator(self.bundle.extra["shared"], path.parent)
             finally:
                 self.bundle.load_generator_state(live)
         if self.recipe.model.family != "tiny" or self.bundle.generator_is_lora:

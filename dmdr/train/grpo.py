@@ -122,9 +122,18 @@ class GRPOTrainer(DMDRTrainer):
         self.step_module: StudentStep = self.actor.module[0].module
         self.reference: StudentStep | None = None
         if rl.regularizer == "kl":
-            ref = copy.deepcopy(b.generator_module).requires_grad_(False).eval()
-            model = AdapterView(ref, "generator", 1.0) if b.generator_is_lora else ref
-            self.reference = StudentStep(model, ref, final_std=rl.final_std, noise_scale=rl.noise_scale)
+            if b.generator_is_lora:  # the reference shares the base: no copy of the network
+                from dmdr.models.lora import adapter_is_identity, copy_adapter
+
+                if adapter_is_identity(b.base, "generator"):  # the student starts at the base: adapter disabled
+                    model = AdapterView(b.base, None, 0.0)
+                else:  # a trained LoRA student (rl.init): a frozen copy of its adapter
+                    copy_adapter(b.base, "generator", "reference")
+                    model = AdapterView(b.base, "reference", 1.0)
+                self.reference = StudentStep(model, b.base, final_std=rl.final_std, noise_scale=rl.noise_scale)
+            else:
+                ref = copy.deepcopy(b.generator_module).requires_grad_(False).eval()
+                self.reference = StudentStep(ref, ref, final_std=rl.final_std, noise_scale=rl.noise_scale)
         from torchrl.data import LazyTensorStorage, ReplayBuffer
         from torchrl.data.replay_buffers import SamplerWithoutReplacement
         from torchrl.objectives import ClipPPOLoss

@@ -44,8 +44,8 @@ from torch import Tensor
 
 from dmdr.train.builder import FAMILY_BUILDERS, ModelBundle
 
-SMOKE_RESOLUTION = 16
-"""Image side of smoke runs: the tiny VAEs have factor 2, so latents are 4×8×8."""
+SMOKE_RESOLUTION = 64
+"""Image side of smoke runs: the stand-ins keep the real factor-8 VAE, so latents are C×8×8."""
 
 SMOKE_PROMPTS = ("a red cube on a table", "a photo of a cat", "a watercolor of a lighthouse at dawn",
                  "an astronaut riding a horse", "a bowl of ramen, studio lighting", "a city street at night in rain",
@@ -114,9 +114,13 @@ def _lora_spec(lora):
 
 def _check_recipe(recipe) -> None:
     m, fam = recipe.model, recipe.model.family
-    if recipe.generator.lora is None:
-        raise ValueError(f"generator.lora is not set: model.family={fam} trains a generator LoRA on the shared base; "
-                         f"add generator.lora (official: rank 64, alpha 128, see recipes/sd3-medium-4step.yaml)")
+    if recipe.generator.init is not None and recipe.generator.lora is not None:
+        raise ValueError(f"generator.init={recipe.generator.init} needs generator.lora: null (a full-weights "
+                         f"generator network; see recipes/sdxl-1step.yaml); a LoRA generator starts from the base")
+    if recipe.generator.lora is None and recipe.generator.init is None and not m.smoke:
+        raise ValueError(f"generator.lora is null and generator.init is not set: model.family={fam} needs either a "
+                         f"generator LoRA on the shared base (official SD3: rank 64, alpha 128) or a full-weights "
+                         f"generator with generator.init=/local/unet_state_dict.bin (official SDXL)")
     if recipe.data.dataset != "prompts":
         raise ValueError(f"data.dataset={recipe.data.dataset!r}: model.family={fam} trains on prompts; set "
                          f"data.dataset: prompts and data.prompts: /path/to/prompts.txt")
@@ -168,18 +172,27 @@ def _apply_smoke_rewards(recipe) -> None:
 
 
 # ---- the bundle -----------------------------------------------------------------------------------------------
+def model_config_name(recipe) -> str:
+    """The shipped real configuration of a T2I recipe: ``model.config``, else the family's default."""
+    return recipe.model.config or ("sdxl-base" if recipe.model.family == "sdxl" else "sd3-medium")
+
+
 def load_t2i_components(recipe, device: torch.device):
-    """The family's :class:`~dmdr.models.t2i.T2IComponents`: tiny random modules (``model.smoke``) or a local
-    diffusers folder (``model.path``), plus the dtypes for :class:`SharedBaseT2I`."""
+    """The family's :class:`~dmdr.models.t2i.T2IComponents`: random-weight stand-ins of the real configuration
+    (``model.smoke``, :func:`dmdr.models.standins.standin_components`) or a local diffusers folder
+    (``model.path``), plus the dtypes for :class:`SharedBaseT2I`."""
     m, fam = recipe.model, recipe.model.family
     if m.smoke:
+        from dmdr.models.standins import standin_components
+
+        name = model_config_name(recipe)
+        if (name == "sdxl-base") != (fam == "sdxl"):
+            raise ValueError(f"model.config={name} does not match model.family={fam}")
+        kw = {"t_min": m.t_min} if fam == "sd3" else {}
+        comps = standin_components(name, seed=recipe.seed, with_reward_vae=m.reward_vae is not None, **kw)
         if fam == "sd3":
-            from dmdr.models.sd3 import build_tiny_sd3
-
-            return build_tiny_sd3(seed=recipe.seed, t_min=m.t_min), None, None
-        from dmdr.models.sdxl import build_tiny_sdxl
-
-        return build_tiny_sdxl(seed=recipe.seed), None, None
+            comps.encoder.max_sequence_length = min(m.max_sequence_length, comps.encoder.max_sequence_length)
+        return comps, None, None
     dtype = DTYPES[m.dtype]
     if fam == "sd3":
         from dmdr.models.sd3 import load_sd3
@@ -191,6 +204,38 @@ def load_t2i_components(recipe, device: torch.device):
     # SDXL's VAE overflows in fp16 (NaNs): decode in float32 unless the base is bf16
     vae_dtype = torch.float32 if dtype == torch.float16 else None
     return load_sdxl(m.path, dtype=dtype), dtype, vae_dtype
+
+
+def _reward_vae(recipe, comps):
+    """The tiny reward VAE: the stand-in built with the components (smoke) or ``model.reward_vae`` (a local
+    ``AutoencoderTiny`` folder, e.g. taesdxl)."""
+    m = recipe.model
+    if m.reward_vae is None:
+        return None
+    if m.smoke:
+        return comps.info.get("reward_vae")
+    from diffusers import AutoencoderTiny
+
+    p = Path(m.reward_vae).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.reward_vae={m.reward_vae}: no such local folder; point it at an "
+                                f"AutoencoderTiny folder (e.g. taesdxl) or set model.reward_vae: null")
+    return AutoencoderTiny.from_pretrained(p, local_files_only=True).eval()
+
+
+def _full_generator(recipe, comps):
+    """The full-weights generator (``generator.lora: null``): a second network of the family, initialised from
+    ``generator.init`` (official SDXL: DMD2's ODE-pretrained 1-step UNet) or, without it, a copy of the teacher.
+    It keeps float32 weights (its master weights; see :class:`SharedBaseT2I`)."""
+    import copy
+
+    from dmdr.models.t2i import load_network_weights
+
+    gen = copy.deepcopy(comps.denoiser).float()
+    init = recipe.generator.init
+    if init is not None and not (recipe.model.smoke and not Path(init).expanduser().exists()):
+        load_network_weights(gen.net, init, "generator.init")
+    return gen.train().requires_grad_(True)
 
 
 def _process_index() -> int:
@@ -210,19 +255,29 @@ def build_t2i_bundle(recipe, device: torch.device) -> T2IBundle:
     prompts = _prompt_list(recipe)
     if not m.smoke:
         check_local_model_dir(m.path, "model.path")
+        for field, value in (("generator.init", recipe.generator.init), ("model.reward_vae", m.reward_vae)):
+            if value is not None and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"{field}={value}: no such file or folder; set --set {field}=/local/path")
     _check_rewards(recipe)
     if m.smoke:
         _apply_smoke_rewards(recipe)
     comps, dtype, vae_dtype = load_t2i_components(recipe, device)
+    full = recipe.generator.lora is None
+    gen_net = _full_generator(recipe, comps) if full else None
+    reward_vae = _reward_vae(recipe, comps)
     offload = m.offload_idle and device.type == "cuda"
-    for part in (comps.denoiser,) if offload else (comps.denoiser, comps.vae, comps.encoder):
-        part.to(device)
+    for part in (comps.denoiser,) if offload else (comps.denoiser, comps.vae, comps.encoder, reward_vae):
+        if part is not None:
+            part.to(device)
+    if gen_net is not None:
+        gen_net.to(device)
     try:
         shared = SharedBaseT2I.from_components(
-            comps, generator_lora=_lora_spec(recipe.generator.lora),
+            comps, generator_lora=None if full else _lora_spec(recipe.generator.lora),
             critic_lora=_lora_spec(recipe.critic.lora), dtype=dtype, vae_dtype=vae_dtype,
             offload_idle=offload, gradient_checkpointing=m.gradient_checkpointing,
-            cache_size=256)
+            cache_size=256, cache_device="cpu", generator_network=gen_net, reward_vae=reward_vae,
+            vae_gradient_checkpointing=m.vae_gradient_checkpointing)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         if "Target modules" in str(e) or "target_modules" in str(e):
             raise ValueError(f"generator.lora.targets / critic.lora.targets: {' '.join(str(e).split())[:200]}; use "
@@ -245,9 +300,9 @@ def build_t2i_bundle(recipe, device: torch.device) -> T2IBundle:
 
     n_sample = max(1, min(recipe.sample_classes, len(prompts)))
     return T2IBundle(
-        base=denoiser, generator=shared.generator(), generator_module=shared,
+        base=denoiser, generator=shared.generator(), generator_module=gen_net.net if full else shared,
         generator_params=shared.generator_parameters(), critic_params=shared.critic_parameters(),
-        sample_cond=sample_cond, decode=shared.decode, sample_shape=sample_shape, generator_is_lora=True,
+        sample_cond=sample_cond, decode=shared.decode_reward, sample_shape=sample_shape, generator_is_lora=not full,
         extra={"shared": shared, "family": m.family, "grid": grid, "resolution": res, "prompt_sampler": sampler,
                "sample_prompts": prompts[:n_sample], "build_reward": make_reward, "smoke": m.smoke},
         generator_path=FirstStepNoisePath(denoiser.path, float(grid[0])))
@@ -256,5 +311,5 @@ def build_t2i_bundle(recipe, device: torch.device) -> T2IBundle:
 FAMILY_BUILDERS["sd3"] = build_t2i_bundle
 FAMILY_BUILDERS["sdxl"] = build_t2i_bundle
 
-__all__ = ["build_t2i_bundle", "load_t2i_components", "T2IBundle", "FirstStepNoisePath", "smoke_reward_kwargs",
+__all__ = ["build_t2i_bundle", "load_t2i_components", "model_config_name", "T2IBundle", "FirstStepNoisePath", "smoke_reward_kwargs",
            "SMOKE_PROMPTS", "SMOKE_RESOLUTION", "LEARNED_REWARDS"]
