@@ -139,6 +139,10 @@ def _report(con, out: Path, files: dict, t0: float) -> None:
 
 def _dry_run(r, dev, con) -> None:
     con.print(f"recipe {r.name!r} (task={r.task}) is valid; device={dev}")
+    if r.task == "dmdr" and r.model.family in ("sd3", "sdxl"):  # before any weights are loaded
+        from dmdr.train.memory_estimate import estimate_t2i_memory
+
+        con.print(estimate_t2i_memory(r).line(), soft_wrap=True)
     if r.task == "dmdr":
         from dmdr.train.dmdr import DMDRTrainer
 
