@@ -341,8 +341,11 @@ def main() -> None:
     lines_file.unlink(missing_ok=True)
     failures = {}
     for m in args.models:
-        cmd = [sys.executable, __file__, "--model", m, "--out", str(lines_file)] + \
-              [a for a in sys.argv[1:] if a not in ("--models", *args.models)]
+        cmd = [sys.executable, __file__, "--model", m, "--out", str(lines_file), "--device", args.device,
+               "--res", str(args.res), "--sample-res", str(args.sample_res), "--batch", str(args.batch),
+               "--warmup", str(args.warmup), "--iters", str(args.iters), "--student-steps", str(args.student_steps),
+               "--teacher-steps", str(args.teacher_steps), "--sample-reps", str(args.sample_reps)] + \
+            (["--tiny"] if args.tiny else [])
         try:
             rc = subprocess.run(cmd, timeout=args.case_timeout).returncode
         except subprocess.TimeoutExpired:
