@@ -197,6 +197,13 @@ def measure_iteration(name, layout, ckpt, dev, args) -> dict:
         n_params = {"base": sum(p.numel() for n, p in bundle.base.net.named_parameters() if ".lora_" not in n),
                     "generator_trainable": sum(p.numel() for p in bundle.generator_params),
                     "critic_trainable": sum(p.numel() for p in bundle.critic_params)}
+        from dmdr.train.runtime import seed_everything
+
+        seed_everything(r.seed)
+        for st in r.stages:  # build the (random-init) rewards seeded, then reseed: both layouts draw the same noise
+            for term in st.rewards:
+                tr.reward(term.name, term.kwargs)
+        seed_everything(r.seed)
         times, losses = [], {}
         for i in range(args.warmup + args.iters):
             if i == args.warmup:

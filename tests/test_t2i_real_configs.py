@@ -335,3 +335,23 @@ def _with_trained_lora(recipe, randomize):
     b = build_bundle(recipe, torch.device("cpu"))
     randomize(b.generator_params, 5)
     return b
+
+
+def test_bench_layouts_compute_the_same_iteration():
+    """bench/device_t2i.py's two-copy (official) layout differs from the shared one only in memory: same seed, same
+    losses (the --tiny path of the GPU benchmark)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import device_t2i as bench
+
+    class A:
+        tiny, res, sample_res, batch, warmup, iters = True, 64, 64, 1, 0, 1
+        student_steps, teacher_steps, sample_reps = 4, 3, 1
+
+    dev = torch.device("cpu")
+    shared = bench.measure_iteration("sd3-medium", "shared", False, dev, A)
+    two = bench.measure_iteration("sd3-medium", "two_copy", False, dev, A)
+    assert shared["losses"] == two["losses"] and set(shared["losses"]) >= {"loss_dmd", "loss_fake_score"}
+    assert shared["params"] == two["params"]

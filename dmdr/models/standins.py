@@ -20,6 +20,7 @@ memory estimates; ``device="cuda"`` gives the random-weight real-size network th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from functools import lru_cache
@@ -152,6 +153,19 @@ def standin_components(name: str, *, seed: int = 0, with_reward_vae: bool = Fals
     return T2IComponents(cfg["family"], denoiser, vae, encoder, info=info)
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """Silence diffusers' info/warning logs (e.g. "modules that should be kept in float32" on ``.to(dtype)``)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
 def real_network(name: str, *, device: str | torch.device = "meta", dtype: torch.dtype | None = None) -> nn.Module:
     """The full-size denoiser network of ``name`` with random weights (``meta``: shapes only, no memory)."""
     cfg = real_config(name)
@@ -161,4 +175,4 @@ def real_network(name: str, *, device: str | torch.device = "meta", dtype: torch
 
 
 __all__ = ["MODELS", "CONFIG_DIR", "STANDIN_RESOLUTION", "real_config", "shrink_config", "standin_components",
-           "real_network", "build_vae", "build_reward_vae"]
+           "real_network", "build_vae", "build_reward_vae", "quiet_diffusers"]

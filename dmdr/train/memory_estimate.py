@@ -195,14 +195,10 @@ def text_encoder_params(name: str) -> int:
 
 def estimate_t2i_memory(recipe) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of a T2I DMDR recipe (see the module docstring)."""
-    from diffusers.utils import logging as dlog
+    from dmdr.models.standins import quiet_diffusers
 
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # "modules that should be kept in float32: []" from .to(dtype) on meta modules
-    try:
+    with quiet_diffusers():  # "modules that should be kept in float32: []" from .to(dtype) on meta modules
         return _estimate(recipe)
-    finally:
-        dlog.set_verbosity(level)
 
 
 def _estimate(recipe) -> MemoryEstimate:
