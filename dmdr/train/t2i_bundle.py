@@ -20,17 +20,23 @@ returns the noise itself: the rollout feeds pure noise at ``t_0``, and so must t
 matching ``t_0 = 1`` and nothing changes; for SDXL's one-step grid ``[0.399, 0]`` this is the DMD2/DMDR
 convention "timestep 399 on a pure-noise input" (method.md §2.13, §5.2 item 11).
 
-**Smoke mode** (``model.smoke: true``, set by ``dmdr train --smoke``): tiny random-weight modules of the same
-family (:func:`~dmdr.models.sd3.build_tiny_sd3` / :func:`~dmdr.models.sdxl.build_tiny_sdxl`, byte-level
-tokenizers built in memory), 16×16 images, float32, the built-in :data:`SMOKE_PROMPTS` (unless ``data.prompts`` is
-an existing file) and tiny random-init rewards: every reward term of a known learned reward has its kwargs
-replaced by :func:`smoke_reward_kwargs` (``config: tiny, random_init: true``, paths dropped). The replacement is
-written into the recipe the trainer holds (so ``DMDRTrainer.reward`` builds the tiny versions) and the same
-mapping is available as ``bundle.extra["build_reward"]``.
+**Smoke mode** (``model.smoke: true``, set by ``dmdr train --smoke``): random-weight stand-ins of the recipe's real
+configuration (``model.config``; :func:`~dmdr.models.standins.standin_components`: the real classes and flags,
+T5 with dropout 0.1, the factor-8 VAE, shrunk only in width and depth, byte-level tokenizers built in memory),
+64×64 images, float32, the built-in :data:`SMOKE_PROMPTS` (unless ``data.prompts`` is an existing file) and tiny
+random-init rewards: every reward term of a known learned reward has its kwargs replaced by
+:func:`smoke_reward_kwargs` (``config: tiny, random_init: true``, paths dropped). The replacement is written into
+the recipe the trainer holds (so ``DMDRTrainer.reward`` builds the tiny versions) and the same mapping is available
+as ``bundle.extra["build_reward"]``. A placeholder ``generator.init`` starts the full generator from the teacher.
 
-Bad input fails before any weights are loaded, with one line naming the field, in this order: no
-``generator.lora``, ``data.dataset`` not ``prompts``, SD3 with ``model.t_min != 0.001``, a prompt file that is
-missing/empty/unreadable, a missing ``model.path``, an unknown reward name, a reward checkpoint/tokenizer path that
+**The generator.** ``generator.lora`` set: a LoRA on the shared base (SD3/SD3.5, official). ``generator.lora: null``:
+a second, full-weights float32 network loaded from ``generator.init`` (official SDXL: DMD2's ODE-pretrained 1-step
+UNet); the base then carries only the critic LoRA. ``decode`` (what the rewards read) uses ``model.reward_vae``
+(taesdxl) when set.
+
+Bad input fails before any weights are loaded, with one line naming the field, in this order: ``generator.init``
+with a LoRA generator, or neither a LoRA nor ``generator.init`` (outside smoke), ``data.dataset`` not ``prompts``, SD3 with ``model.t_min != 0.001``, a prompt file that is
+missing/empty/unreadable, a missing ``model.path`` / ``generator.init`` / ``model.reward_vae``, an unknown reward name, a reward checkpoint/tokenizer path that
 does not exist; LoRA targets that match no module fail when the adapters are injected.
 """
 from __future__ import annotations
