@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"sd3-medium": "sd3-medium-4step", "sd35-large": "sd35-large-4step", "sdxl-base": "sdxl-1step"}
+CASE_TIMEOUT = {"sd3-medium": 100, "sd35-large": 200, "sdxl-base": 160}  # seconds per model process on a GPU
 LAYOUTS = {"sd3-medium": ("shared", "two_copy"), "sd35-large": ("shared", "two_copy"),
            "sdxl-base": ("shared", "two_copy", "full_gen")}
 
@@ -178,53 +179,84 @@ def _two_copy(bundle):
     return dataclasses.replace(bundle, base=critic_base, critic_params=critic_params)
 
 
-def measure_iteration(name, layout, ckpt, dev, args) -> dict:
+def set_checkpointing(bundle, on: bool) -> None:
+    """Gradient checkpointing of every network and VAE of a bundle, on or off (as ``model.gradient_checkpointing``
+    and ``model.vae_gradient_checkpointing`` would set them at build time)."""
+    from dmdr.models.t2i import adapter_aware_checkpoint
+
+    shared = bundle.extra["shared"]
+    nets = {id(m): m for m in (bundle.base.net, shared.denoiser.net,
+                               shared.generator_denoiser.net if shared.full_generator else None) if m is not None}
+    for net in nets.values():
+        net.enable_gradient_checkpointing(adapter_aware_checkpoint) if on else net.disable_gradient_checkpointing()
+    for vae in (shared.vae, shared.reward_vae):
+        if vae is not None:
+            vae.enable_gradient_checkpointing() if on else vae.disable_gradient_checkpointing()
+
+
+def measure_layout(name, layout, ckpts, dev, args) -> list[dict]:
+    """One bundle of ``layout``; one record per checkpointing setting in ``ckpts`` (same seed for each)."""
     import torch
 
     from dmdr.train.builder import build_bundle
     from dmdr.train.dmdr import DMDRTrainer
+    from dmdr.train.runtime import seed_everything
 
     _reset(dev)
-    r = _recipe(name, layout, ckpt, args)
+    r = _recipe(name, layout, False, args)
     t0 = time.perf_counter()
+    recs = []
     with _real_size(name, dev, args):
         bundle = build_bundle(r, dev)
         if layout == "two_copy":
             bundle = _two_copy(bundle)
         tr = DMDRTrainer(r, None, dev, console=lambda *a, **k: None, bundle=bundle)
         tr.state.stage = 1  # the reward stage: DMD + reward decode
-        build_s = time.perf_counter() - t0
-        n_params = {"base": sum(p.numel() for n, p in bundle.base.net.named_parameters() if ".lora_" not in n),
-                    "generator_trainable": sum(p.numel() for p in bundle.generator_params),
-                    "critic_trainable": sum(p.numel() for p in bundle.critic_params)}
-        from dmdr.train.runtime import seed_everything
-
         seed_everything(r.seed)
         for st in r.stages:  # build the (random-init) rewards seeded, then reseed: both layouts draw the same noise
             for term in st.rewards:
                 tr.reward(term.name, term.kwargs)
-        seed_everything(r.seed)
-        times, losses = [], {}
-        for i in range(args.warmup + args.iters):
-            if i == args.warmup:
-                _sync(dev)
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-            _sync(dev)
-            t = time.perf_counter()
-            out = tr.iteration()
-            _sync(dev)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t)
-            losses = {k: float(v) for k, v in out.items() if k.startswith("loss_")}
-        peak = _peak(dev)
-    rec = {"model": name, "layout": layout, "grad_checkpointing": ckpt, "resolution": args.res, "batch": args.batch,
-           "steps": r.generator.steps, "iteration_s": sorted(times)[len(times) // 2], "iteration_s_all": times,
-           "peak_mem_bytes": peak, "peak_mem_gib": None if peak is None else peak / 2**30, "build_s": build_s,
-           "params": n_params, "losses": losses}
+        build_s = time.perf_counter() - t0
+        n_params = {"base": sum(p.numel() for n, p in bundle.base.net.named_parameters() if ".lora_" not in n),
+                    "generator_trainable": sum(p.numel() for p in bundle.generator_params),
+                    "critic_trainable": sum(p.numel() for p in bundle.critic_params)}
+        for ckpt in ckpts:
+            set_checkpointing(bundle, ckpt)
+            seed_everything(r.seed)
+            times, losses = [], {}
+            try:
+                for i in range(args.warmup + args.iters):
+                    if i == args.warmup:
+                        _sync(dev)
+                        if dev.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                    _sync(dev)
+                    t = time.perf_counter()
+                    out = tr.iteration()
+                    _sync(dev)
+                    if i >= args.warmup:
+                        times.append(time.perf_counter() - t)
+                    losses = {k: float(v) for k, v in out.items() if k.startswith("loss_")}
+            except torch.OutOfMemoryError as e:  # a result, not a crash
+                recs.append({"model": name, "layout": layout, "grad_checkpointing": ckpt, "oom": str(e)[:200]})
+                for opt in (tr.opt_gen, tr.opt_critic):
+                    opt.zero_grad(set_to_none=True)
+                _reset(dev)
+                continue
+            peak = _peak(dev)
+            recs.append({"model": name, "layout": layout, "grad_checkpointing": ckpt, "resolution": args.res,
+                         "batch": args.batch, "steps": r.generator.steps, "iteration_s": sorted(times)[len(times) // 2],
+                         "iteration_s_all": times, "peak_mem_bytes": peak,
+                         "peak_mem_gib": None if peak is None else peak / 2**30, "build_s": build_s,
+                         "params": n_params, "losses": losses})
     del tr, bundle
     _reset(dev)
-    return rec
+    return recs
+
+
+def measure_iteration(name, layout, ckpt, dev, args) -> dict:
+    """:func:`measure_layout` for one checkpointing setting."""
+    return measure_layout(name, layout, (ckpt,), dev, args)[0]
 
 
 def measure_sampling(name, dev, args) -> dict:
@@ -286,12 +318,7 @@ def run_case(args) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     with open(args.out, "a") as f:
         for layout in LAYOUTS[args.model]:
-            for ckpt in (False, True):
-                try:
-                    rec = measure_iteration(args.model, layout, ckpt, dev, args)
-                except torch.OutOfMemoryError as e:  # a result, not a crash
-                    rec = {"model": args.model, "layout": layout, "grad_checkpointing": ckpt, "oom": str(e)[:200]}
-                    _reset(dev)
+            for rec in measure_layout(args.model, layout, (True, False), dev, args):  # checkpointing on first
                 f.write(json.dumps({"kind": "iteration", **rec}) + "\n")
                 f.flush()
                 print(json.dumps({k: v for k, v in rec.items() if k != "iteration_s_all"}), flush=True)
@@ -333,7 +360,8 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=4)
     ap.add_argument("--teacher-steps", type=int, default=28)
     ap.add_argument("--sample-reps", type=int, default=2)
-    ap.add_argument("--case-timeout", type=int, default=170, help="seconds per model process")
+    ap.add_argument("--case-timeout", type=int, default=None, help="seconds per model process (default: "
+                    "sd3-medium 100, sd35-large 200, sdxl-base 160 on a GPU; 80 each with --tiny)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.res = args.res or (64 if args.tiny else 1024)
@@ -354,7 +382,8 @@ def main() -> None:
                "--teacher-steps", str(args.teacher_steps), "--sample-reps", str(args.sample_reps)] + \
             (["--tiny"] if args.tiny else [])
         try:
-            rc = subprocess.run(cmd, timeout=args.case_timeout).returncode
+            limit = args.case_timeout or (80 if args.tiny else CASE_TIMEOUT[m])
+            rc = subprocess.run(cmd, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         if rc != 0:
