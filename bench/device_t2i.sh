@@ -4,7 +4,8 @@
 # Usage (repo root):  bash bench/device_t2i.sh          # GPU, ~8 min
 #                     bash bench/device_t2i.sh --tiny   # CPU, same code on the shrunk stand-ins, < 3 min (CI)
 # The GPU machine has torch but no diffusers/transformers/peft/tensordict/torchrl and no registry: wheels carried
-# in .whl/ (see docs/scale.md for the download command) are installed to /tmp/site first when present.
+# in .whl/ (docs/scale.md has the download command: diffusers, tensordict, torchrl, pydantic and their needs) are
+# installed to /tmp/site first when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
