@@ -235,6 +235,17 @@ def test_generator_init_bad_input_is_one_line(tmp_path):
         build_bundle(r, torch.device("cpu"))
 
 
+def test_config_family_mismatch_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dmdr_cli.app import app
+
+    res = CliRunner().invoke(app, ["train", str(recipes_dir() / "sdxl-1step.yaml"), "--dry-run", "--smoke",
+                                   "--set", "model.config=sd35-large"])
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: model.config=sd35-large"), res.stderr
+
+
 def test_sdxl_recipe_mirrors_the_official_generator():
     r = load_recipe(recipes_dir() / "sdxl-1step.yaml")
     assert r.generator.lora is None and "ode_pretraining" in r.generator.init

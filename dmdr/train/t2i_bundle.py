@@ -180,7 +180,12 @@ def _apply_smoke_rewards(recipe) -> None:
 # ---- the bundle -----------------------------------------------------------------------------------------------
 def model_config_name(recipe) -> str:
     """The shipped real configuration of a T2I recipe: ``model.config``, else the family's default."""
-    return recipe.model.config or ("sdxl-base" if recipe.model.family == "sdxl" else "sd3-medium")
+    m = recipe.model
+    name = m.config or ("sdxl-base" if m.family == "sdxl" else "sd3-medium")
+    if (name == "sdxl-base") != (m.family == "sdxl"):
+        raise ValueError(f"model.config={name} does not match model.family={m.family}; use "
+                         f"{'sdxl-base' if m.family == 'sdxl' else 'sd3-medium or sd35-large'}")
+    return name
 
 
 def load_t2i_components(recipe, device: torch.device):
@@ -192,8 +197,6 @@ def load_t2i_components(recipe, device: torch.device):
         from dmdr.models.standins import standin_components
 
         name = model_config_name(recipe)
-        if (name == "sdxl-base") != (fam == "sdxl"):
-            raise ValueError(f"model.config={name} does not match model.family={fam}")
         kw = {"t_min": m.t_min} if fam == "sd3" else {}
         comps = standin_components(name, seed=recipe.seed, with_reward_vae=m.reward_vae is not None, **kw)
         if fam == "sd3":
