@@ -313,8 +313,9 @@ class SharedBaseT2I(nn.Module):
         vae_gradient_checkpointing: activation checkpointing in the VAE(s): a differentiable 1024 px decode keeps
             about 11 GiB of activations per image in bf16 without it.
 
-    Trainable sets are explicit: exactly the two adapters' LoRA matrices have ``requires_grad=True``; the
-    generator optimiser takes :meth:`generator_parameters`, the critic optimiser :meth:`critic_parameters`.
+    Trainable sets are explicit: exactly the two adapters' LoRA matrices (with ``generator_network``: its weights
+    and the critic adapter) have ``requires_grad=True``; the generator optimiser takes
+    :meth:`generator_parameters`, the critic optimiser :meth:`critic_parameters`.
     Nothing here calls peft's ``set_adapter``, so switching views never changes ``requires_grad``.
     """
 
@@ -697,7 +698,11 @@ def export_generator(shared: SharedBaseT2I, run_dir: str | Path, *, dtype: torch
     ``run_dir/student_<unet|transformer>`` (load with ``UNet2DConditionModel.from_pretrained``). Returns the path."""
     if not shared.full_generator:
         return export_lora_diffusers(shared, Path(run_dir) / "student_lora", dtype=dtype)
+    import copy
+
     net = shared.generator_denoiser.net
+    if dtype is not None:  # a converted copy: the live float32 weights stay untouched
+        net = copy.deepcopy(net).to(dtype)
     folder = Path(run_dir) / f"student_{shared.generator_denoiser.network_subfolder}"
     net.save_pretrained(folder, safe_serialization=True)
     return folder
