@@ -145,7 +145,7 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     main = distributed.is_main()  # under torchrun only rank 0 writes and prints
     if resume and r.task != "classifier" and not _has_checkpoint_dirs(out):
         # killed before its first checkpoint: nothing to resume and nothing to lose; start it again
-        con.print(f"{out} has no checkpoint yet: starting the run from the beginning")
+        con.print(f"{out} has no checkpoint yet: starting the run from the beginning", soft_wrap=True)
         resume = False
         if main:
             from dmdr.train.runtime import truncate_metrics
@@ -161,7 +161,8 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     files = run_task(r, out, dev, resume=resume, smoke=smoke, console=con.print)
     startup.set_phase("done")
     if files.pop("interrupted", False) and main:
-        con.print(f"interrupted; continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}")
+        con.print(f"interrupted; continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}",
+                  soft_wrap=True)
     if main:
         _report(con, out, files, t0)
 
@@ -174,7 +175,9 @@ def _preflight(r, path, resume_out: Optional[Path]) -> None:
         check_recipe_rewards(r)
     except ValueError as e:
         fail(f"{path}: {e}")
-    if resume_out is not None and (resume_out / "recipe.yaml").is_file():
+    from dmdr.train.rundir import is_run_dir, looks_like_legacy_run
+
+    if resume_out is not None and (is_run_dir(resume_out) or looks_like_legacy_run(resume_out)):
         import yaml
 
         from dmdr import safe_yaml

@@ -342,6 +342,9 @@ class DMDRTrainer:
         if bad:
             self._warn(f"warning: not saving step {k}: non-finite weights in {', '.join(bad)}")
             return None
+        if not self._student_outputs_finite():
+            self._warn(f"warning: not saving step {k}: the student's samples are non-finite (weights blew up)")
+            return None
         state = self.state_dict()
         if self.dist.active:
             state["rng_ranks"] = self.dist.gather_tensor_dicts(state["rng"])
@@ -456,6 +459,7 @@ class DMDRTrainer:
                     self.save()
             # still under our handlers: a signal during the final grid or export is absorbed, not a kill (143)
             self._check_some_update_applied()
+            self._check_student_finite(fixed)
             if main:
                 summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
                 summary["student"] = self.export_student(out / "student.safetensors")
@@ -473,6 +477,32 @@ class DMDRTrainer:
                f"stop_at={stop_at}" if stop_at is not None and k >= stop_at else "a signal on another rank")
         self.console(f"stopped by {why}; checkpoint saved at generator step {k}")
         return summary
+
+    @torch.no_grad()
+    def _student_outputs_finite(self) -> bool:
+        """Finite weights can still be garbage (a huge step leaves 1e30s that overflow): does the student map 10
+        fixed noises (a local generator: no global RNG moves) to finite samples? Digits family only (cheap)."""
+        if self.recipe.model.family != "tiny" or "shared" in self.bundle.extra:
+            return True
+        g = torch.Generator().manual_seed(99)
+        noise = torch.randn(10, *self.bundle.sample_shape, generator=g).to(self.device)
+        labels = (torch.arange(10) % self.recipe.data.num_classes).to(self.device)
+        m = self.bundle.generator_module
+        was_training = m.training
+        m.eval()
+        try:
+            x = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode="ode")[K.SAMPLE]
+        finally:
+            m.train(was_training)
+        return bool(torch.isfinite(x).all())
+
+    def _check_student_finite(self, fixed) -> None:
+        """Refuse to export a student whose samples are non-finite (:meth:`_student_outputs_finite`)."""
+        if not self._student_outputs_finite():
+            done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
+            raise TrainingStopped(f"the student produces non-finite samples (its weights blew up); nothing exported"
+                                  f"{f', the last checkpoint is {done[-1]}' if done else ''}; lower the learning "
+                                  f"rates or use fp32")
 
     def _check_some_update_applied(self) -> None:
         """A run whose generator updates in this process were all skipped (non-finite) has nothing to export."""
