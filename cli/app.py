@@ -84,9 +84,14 @@ def train(
     try:
         _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision)
     except startup.Interrupted as e:
-        typer.echo(f"interrupted by signal {e.signum} during {e.phase}; "
-                   f"{'nothing trained yet' if e.phase == 'startup' else 'see the last checkpoint'}"
-                   f"{f'; continue with: dmdr train --out {out} --resume' if out is not None else ''}", err=True)
+        from dmdr.train.rundir import is_run_dir
+
+        if out is not None and is_run_dir(out):
+            nxt = f"continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}"
+        else:
+            nxt = "nothing was written; run the same command again"
+        typer.echo(f"interrupted by signal {e.signum} during {e.phase.replace('startup', 'start-up')}; {nxt}",
+                   err=True)
     finally:
         release_lock()
         startup.restore(old)
