@@ -459,7 +459,7 @@ class DMDRTrainer:
                     self.save()
             # still under our handlers: a signal during the final grid or export is absorbed, not a kill (143)
             self._check_some_update_applied()
-            self._check_student_finite(fixed)
+            self._check_student_finite()
             if main:
                 summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
                 summary["student"] = self.export_student(out / "student.safetensors")
@@ -496,7 +496,7 @@ class DMDRTrainer:
             m.train(was_training)
         return bool(torch.isfinite(x).all())
 
-    def _check_student_finite(self, fixed) -> None:
+    def _check_student_finite(self) -> None:
         """Refuse to export a student whose samples are non-finite (:meth:`_student_outputs_finite`)."""
         if not self._student_outputs_finite():
             done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []

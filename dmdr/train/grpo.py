@@ -484,7 +484,7 @@ class GRPOTrainer(DMDRTrainer):
             # still under our handlers: a signal during the final save, eval or export is absorbed (no 143)
             self.save()
             self._check_some_update_applied()
-            self._check_student_finite(fixed)
+            self._check_student_finite()
             ev = self._log_eval(log)
             if ev:
                 summary["eval"] = ev
