@@ -29,7 +29,7 @@ class RecipeError(UserError):
 
 class Strict(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated, floats must be finite (no
-    ``.inf``/``.nan``) and an int field refuses a bool (``steps: true`` is not 1)."""
+    ``.inf``/``.nan``) and a number field refuses a bool (``steps: true`` is not 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -38,8 +38,9 @@ class Strict(BaseModel):
     def _no_bool_for_int(cls, data):
         if isinstance(data, dict):
             for name, f in cls.model_fields.items():
-                if isinstance(data.get(name), bool) and f.annotation in (int, int | None):
-                    raise ValueError(f"{name}: expected an integer, got the boolean {data[name]!r}")
+                if isinstance(data.get(name), bool) and f.annotation in (int, int | None, float, float | None):
+                    kind = "an integer" if f.annotation in (int, int | None) else "a number"
+                    raise ValueError(f"{name}: expected {kind}, got the boolean {data[name]!r}")
         return data
 
 
