@@ -626,22 +626,27 @@ def _(ctx):
     return Outcome(code, "the exported student", ok, f"leaked={leaked} {err.strip()[-120:]}")
 
 
-@case("sigterm-startup", "signals", "SIGTERM during start-up (0.8 s after launch), then what the message says",
-      slow=True)
-def _(ctx):
-    out = ctx.tmp / "r"
-    p = ctx.sub(*ctx.smoke_args(out))
-    time.sleep(0.8)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=300)
-    ok = p.returncode == 0 and "Traceback" not in err and "interrupted" in err + _
-    m = re.search(r"continue with: dmdr (train [^\n]+)", err + _)
-    # follow what the message says: the printed command, or the same command again when nothing was written
-    q = ctx.sub(*m.group(1).split()) if m else ctx.sub(*ctx.smoke_args(out))
-    out2, err2 = q.communicate(timeout=300)
-    ok = ok and q.returncode == 0 and student_finite(out)
-    return Outcome(p.returncode, "the run folder; `--resume` then completes", ok,
-                   (err.strip().splitlines() or ["(no stderr)"])[-1][:160] + f" | resume exit {q.returncode}")
+for _delay in (0.5, 1.5, 3.0):
+    def _mk4(delay):
+        @case(f"sigterm-startup-{delay:g}s", "signals",
+              f"SIGTERM {delay:g} s after launch (imports, validation, model building), then what the message says",
+              slow=True)
+        def _(ctx):
+            out = ctx.tmp / "r"
+            p = ctx.sub(*ctx.smoke_args(out))
+            time.sleep(delay)
+            p.send_signal(signal.SIGTERM)
+            stdout, err = p.communicate(timeout=300)
+            ok = p.returncode == 0 and "Traceback" not in err and "interrupted" in err + stdout
+            m = re.search(r"continue with: dmdr (train [^\n]+)", err + stdout)
+            # follow what the message says: the printed command, or the same command again when nothing was written
+            q = ctx.sub(*m.group(1).split()) if m else ctx.sub(*ctx.smoke_args(out))
+            out2, err2 = q.communicate(timeout=300)
+            ok = ok and q.returncode == 0 and student_finite(out)
+            last = ([l for l in (err + stdout).strip().splitlines() if "interrupted" in l] or ["(no message)"])[-1]
+            return Outcome(p.returncode, "the run folder; the suggested command then completes", ok,
+                           last[:160] + f" | next command exit {q.returncode}")
+    _mk4(_delay)
 
 
 @case("continue-command", "signals", "the printed `continue with` command keeps `--set` and `--smoke`")

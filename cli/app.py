@@ -90,8 +90,7 @@ def train(
             nxt = f"continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}"
         else:
             nxt = "nothing was written; run the same command again"
-        typer.echo(f"interrupted by signal {e.signum} during {e.phase.replace('startup', 'start-up')}; {nxt}",
-                   err=True)
+        typer.echo(f"interrupted by signal {e.signum} during {e.phase}; {nxt}", err=True)
     finally:
         release_lock()
         startup.restore(old)
@@ -126,6 +125,9 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     if resume and out is None:
         fail("--resume needs --out DIR (the run to continue)")
     _preflight(r, path, out if resume else None)
+    from dmdr.train import startup
+
+    startup.check()  # a signal recorded so far ends start-up here, cleanly
     if out is None:
         out = Path("runs") / f"{r.name}{'-smoke' if smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -137,6 +139,7 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     from dmdr.train.memfit import check_recipe_fits
 
     check_recipe_fits(r, dev)  # refuse a batch that cannot fit, before allocating anything
+    startup.check()
     if r.runtime.threads:
         torch.set_num_threads(r.runtime.threads)
     con = _console()
@@ -144,8 +147,9 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
         _dry_run(r, dev, con)
         return
     out = prepare_run_dir(out, resume=resume, force=force)
+    startup.check()
     from dmdr.recipes import save_recipe
-    from dmdr.train import distributed, startup
+    from dmdr.train import distributed
 
     main = distributed.is_main()  # under torchrun only rank 0 writes and prints
     if resume and r.task != "classifier" and not _has_checkpoint_dirs(out):
@@ -162,7 +166,9 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     t0 = time.time()
     from dmdr.train.tasks import run_task
 
-    startup.set_phase("training")
+    startup.check()
+    if r.task not in ("dmdr", "grpo"):  # no loop handler there: a signal during training raises (clean message)
+        startup.set_phase("raise")
     files = run_task(r, out, dev, resume=resume, smoke=smoke, console=con.print)
     startup.set_phase("done")
     if files.pop("interrupted", False) and main:

@@ -410,6 +410,11 @@ class DMDRTrainer:
         old_handlers = ({s_: signal.signal(s_, self._on_signal) for s_ in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
         progress = make_progress(r.logging.progress and main)
+        from dmdr.train import startup
+
+        pending = startup.take_pending()  # a signal that came while models were built / the checkpoint loaded
+        if pending is not None:
+            self._stop_signal = pending
         fixed = self._fixed_sample_inputs()
         summary: dict[str, Any] = {"interrupted": False}
         acc = self._acc

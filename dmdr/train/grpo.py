@@ -443,6 +443,11 @@ class GRPOTrainer(DMDRTrainer):
         log = MetricsLog(out / "metrics.jsonl")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = make_progress(r.logging.progress)
+        from dmdr.train import startup
+
+        pending = startup.take_pending()  # a signal that came while models were built / the checkpoint loaded
+        if pending is not None:
+            self._stop_signal = pending
         fixed = self._fixed_sample_inputs()
         summary: dict[str, Any] = {"interrupted": False}
         acc: dict[str, list[float]] = defaultdict(list)

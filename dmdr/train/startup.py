@@ -1,11 +1,18 @@
 """SIGINT/SIGTERM outside the training loops: start-up (imports, model building) and the tasks without a loop
 handler (teacher, classifier) stop with one message instead of a traceback or a bare 143.
 
-``dmdr train`` calls :func:`install` first. Until :func:`set_phase` ``("done")``, a signal raises
-:class:`Interrupted` at the next Python instruction; the CLI catches it, says what was kept and exits 0 (as an
-interrupted training loop does). The DMDR and GRPO loops install their own handlers (a flag checked after every
-inner iteration) while they run, and put these back when they return. After ``done`` a signal is only noted:
-the run has finished and is printing its report, so it must not turn exit 0 into 143.
+``dmdr train`` calls :func:`install` first. The handler never raises during start-up: raising from a signal
+handler in the middle of an import (``transformers`` loads lazily) turns the signal into an unrelated
+``ModuleNotFoundError``. Instead it records the signal (phase ``startup``), and
+
+* the CLI calls :func:`check` at safe points (after validation, after ``import torch``, after preparing the run
+  directory, before training), which raises :class:`Interrupted`; the CLI then says what was kept and exits 0;
+* the DMDR and GRPO loops, which install their own flag handlers, take a signal recorded while their models were
+  built or their checkpoint loaded (:func:`take_pending`) and stop after one inner iteration, with a checkpoint.
+
+Phase ``raise`` (teacher and classifier training, which have no loop handler) raises :class:`Interrupted` at
+once. After ``done`` (the run has finished and is printing its report) a signal is only noted, so it cannot turn
+exit 0 into 143.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import signal
 import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"phase": "startup", "late": None}
+_state: dict = {"phase": "startup", "pending": None}
 
 
 class Interrupted(BaseException):
@@ -25,23 +32,38 @@ class Interrupted(BaseException):
 
 
 def _handler(signum, frame):
-    if _state["phase"] == "done":
-        _state["late"] = signum
-        return
-    raise Interrupted(signum, _state["phase"])
+    if _state["phase"] == "raise":
+        raise Interrupted(signum, "training")
+    if _state["pending"] is None:
+        _state["pending"] = signum
 
 
 def install() -> dict:
     """Install the handler (main thread only); returns the previous handlers for :func:`restore`."""
-    _state.update(phase="startup", late=None)
+    _state.update(phase="startup", pending=None)
     if threading.current_thread() is not threading.main_thread():
         return {}
     return {s: signal.signal(s, _handler) for s in SIGNALS}
 
 
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal was recorded during start-up."""
+    if _state["pending"] is not None and _state["phase"] != "done":
+        raise Interrupted(_state["pending"], "start-up")
+
+
+def take_pending() -> int | None:
+    """The signal recorded before a training loop installed its own handler (and forget it)."""
+    s, _state["pending"] = _state["pending"], None
+    return s if _state["phase"] != "done" else None
+
+
 def set_phase(phase: str) -> None:
-    """``startup`` → ``training`` → ``done``."""
+    """``startup`` (record) → ``raise`` (teacher/classifier training) or stay ``startup`` (DMDR/GRPO loops take
+    the record) → ``done`` (note only)."""
     _state["phase"] = phase
+    if phase == "raise":
+        check()
 
 
 def restore(old: dict) -> None:
