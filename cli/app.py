@@ -38,6 +38,12 @@ def guarded(fn):
                 raise
             msg = " ".join(str(e).split()) or e.__class__.__name__
             fail(msg)
+        except OSError as e:  # read-only file system, full disk, quota, ...: one line, exit 2
+            if os.environ.get("DMDR_DEBUG"):
+                raise
+            from dmdr.train.rundir import os_error_message
+
+            fail(os_error_message(e, str(e.filename or "a file")))
     return wrapper
 
 
@@ -59,17 +65,38 @@ SMOKE_OVERRIDES = {
 @app.command()
 @guarded
 def train(
-    recipe: str = typer.Argument(..., help="recipe YAML file (or the name of a shipped recipe, e.g. digits)"),
+    recipe: Optional[str] = typer.Argument(None, help="recipe YAML file (or the name of a shipped recipe, e.g. "
+                                           "digits); with --resume it defaults to the run's own recipe.yaml"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<name>-<time>)"),
     set_: List[str] = typer.Option([], "--set", "-s", help="override a recipe field: key=value (repeatable)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="build everything, print a summary, write nothing"),
     smoke: bool = typer.Option(False, "--smoke", help="a few iterations of every stage on a tiny configuration"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its newest valid checkpoint"),
-    force: bool = typer.Option(False, "--force", help="overwrite an existing run directory"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing run directory (only one dmdr created)"),
     device: Optional[str] = typer.Option(None, "--device", help="auto|cpu|cuda (overrides runtime.device)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32|bf16 (overrides runtime.precision)"),
 ):
     """Train from a recipe: the teacher, a classifier, or a DMDR student (stages: cold start, then DMD + RL)."""
+    from dmdr.train import startup
+    from dmdr.train.rundir import release_lock
+
+    old = startup.install()  # a signal before the training loop: one clean message, exit 0
+    try:
+        _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision)
+    except startup.Interrupted as e:
+        from dmdr.train.rundir import is_run_dir
+
+        if out is not None and is_run_dir(out):
+            nxt = f"continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}"
+        else:
+            nxt = "nothing was written; run the same command again"
+        typer.echo(f"interrupted by signal {e.signum} during {e.phase}; {nxt}", err=True)
+    finally:
+        release_lock()
+        startup.restore(old)
+
+
+def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
     import time
 
     from dmdr.recipes import load_recipe, resolve_recipe_path
@@ -83,6 +110,10 @@ def train(
         if precision not in ("fp32", "bf16"):
             fail(f"--precision {precision!r}: use fp32 or bf16")
         overrides.append(f"runtime.precision={precision}")
+    if recipe is None:
+        if not (resume and out is not None):
+            fail("pass a RECIPE (a .yaml file or a shipped name, e.g. digits); only --resume --out DIR may omit it")
+        recipe = str(out / "recipe.yaml")
     path = resolve_recipe_path(recipe)
     r = load_recipe(path, overrides)
     if smoke:
@@ -93,6 +124,10 @@ def train(
         r = load_recipe(path, smoke_over)
     if resume and out is None:
         fail("--resume needs --out DIR (the run to continue)")
+    _preflight(r, path, out if resume else None)
+    from dmdr.train import startup
+
+    startup.check()  # a signal recorded so far ends start-up here, cleanly
     if out is None:
         out = Path("runs") / f"{r.name}{'-smoke' if smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -101,6 +136,10 @@ def train(
     from dmdr.train.runtime import prepare_run_dir, resolve_device, seed_everything
 
     dev = resolve_device(r.runtime.device)
+    from dmdr.train.memfit import check_recipe_fits
+
+    check_recipe_fits(r, dev)  # refuse a batch that cannot fit, before allocating anything
+    startup.check()
     if r.runtime.threads:
         torch.set_num_threads(r.runtime.threads)
     con = _console()
@@ -108,21 +147,67 @@ def train(
         _dry_run(r, dev, con)
         return
     out = prepare_run_dir(out, resume=resume, force=force)
+    startup.check()
     from dmdr.recipes import save_recipe
     from dmdr.train import distributed
 
     main = distributed.is_main()  # under torchrun only rank 0 writes and prints
-    if main:
+    if resume and r.task != "classifier" and not _has_checkpoint_dirs(out):
+        # killed before its first checkpoint: nothing to resume and nothing to lose; start it again
+        con.print(f"{out} has no checkpoint yet: starting the run from the beginning", soft_wrap=True)
+        resume = False
+        if main:
+            from dmdr.train.runtime import truncate_metrics
+
+            truncate_metrics(out / "metrics.jsonl", 0)
+    if main and not (resume and r.task != "classifier"):  # a resume writes recipe.yaml once its checkpoint loaded
         save_recipe(r, out / "recipe.yaml")
     seed_everything(r.seed)
     t0 = time.time()
     from dmdr.train.tasks import run_task
 
+    startup.check()
+    if r.task not in ("dmdr", "grpo"):  # no loop handler there: a signal during training raises (clean message)
+        startup.set_phase("raise")
     files = run_task(r, out, dev, resume=resume, smoke=smoke, console=con.print)
+    startup.set_phase("done")
     if files.pop("interrupted", False) and main:
-        con.print(f"interrupted; continue with: dmdr train {recipe} --out {out} --resume")
+        con.print(f"interrupted; continue with: dmdr train --out {out} --resume{' --smoke' if smoke else ''}",
+                  soft_wrap=True)
     if main:
         _report(con, out, files, t0)
+
+
+def _preflight(r, path, resume_out: Optional[Path]) -> None:
+    """Checks that need no model: every stage's rewards and plugins; on --resume, the run's task."""
+    from dmdr.rewards.preflight import check_recipe_rewards
+
+    try:
+        check_recipe_rewards(r)
+    except ValueError as e:
+        fail(f"{path}: {e}")
+    from dmdr.train.rundir import is_run_dir, looks_like_legacy_run
+
+    if resume_out is not None and (is_run_dir(resume_out) or looks_like_legacy_run(resume_out)):
+        import yaml
+
+        from dmdr import safe_yaml
+
+        try:
+            old = safe_yaml.load((resume_out / "recipe.yaml").read_text())
+        except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+            fail(f"--resume: {resume_out / 'recipe.yaml'} is unreadable ({' '.join(str(e).split())[:80]}); "
+                 f"pass the run's RECIPE explicitly")
+        task = old.get("task") if isinstance(old, dict) else None
+        if task != r.task:
+            fail(f"cannot resume: {resume_out} is a task={task} run but {path} has task={r.task}; pass the "
+                 f"recipe the run was started with (or omit RECIPE: --resume reads the run's own recipe.yaml)")
+
+
+def _has_checkpoint_dirs(out: Path) -> bool:
+    """Any ``checkpoints/step-*`` entry (complete or not): a damaged run is not silently started over."""
+    d = out / "checkpoints"
+    return d.is_dir() and any(p.name.startswith("step-") for p in d.iterdir())
 
 
 def _report(con, out: Path, files: dict, t0: float) -> None:
@@ -197,8 +282,10 @@ def sample(
     num = 100 if num is None else num
     if out.suffix not in (".npz", ".png"):
         fail(f"--out {out}: use a .npz or .png file name")
-    if cfg < 0:
-        fail(f"--cfg {cfg}: must be >= 0")
+    if not (cfg >= 0 and cfg != float("inf")):
+        fail(f"--cfg {cfg}: must be a finite number >= 0")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device {device!r}: use auto, cpu or cuda")
     import numpy as np
     import torch
 
@@ -213,11 +300,16 @@ def sample(
         model = load_tiny(weights or "builtin:digits-teacher").to(dev)
         n_classes = model.config.num_classes
     else:
-        model, info = load_student(run)
+        model, info = load_student(run, warn=lambda m: typer.echo(m, err=True))
         model = model.to(dev)
         n_classes = model.config.num_classes
     if class_ is not None and not 0 <= class_ < n_classes:
         fail(f"--class {class_}: out of range; the model has classes 0..{n_classes - 1}")
+    from dmdr.train.memfit import require_fit, sample_bytes
+
+    n_steps = steps or (50 if teacher else info.steps)
+    require_fit(sample_bytes(model.config, num, n_steps), dev, f"--num {num}", sample_bytes(model.config, 1, n_steps),
+                "lower --num")
     labels = torch.full((num,), class_) if class_ is not None else torch.arange(num) % n_classes
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -243,10 +335,12 @@ def _run_family(run: Path) -> str:
     """``model.family`` of the run in ``run`` (``tiny`` when it has no readable recipe.yaml: digits behaviour)."""
     import yaml
 
+    from dmdr import safe_yaml
+
     f = Path(run) / "recipe.yaml"
     try:
-        data = yaml.safe_load(f.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = safe_yaml.load(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         return "tiny"
     model = data.get("model") if isinstance(data, dict) else None
     return str(model.get("family", "tiny")) if isinstance(model, dict) else "tiny"
@@ -354,11 +448,16 @@ def recipes_show(recipe: str = typer.Argument(..., help="recipe file or shipped 
 def recipes_validate(files: List[Path] = typer.Argument(..., help="recipe files")):
     """Validate recipe files; exit 2 if any is invalid (one line per problem)."""
     from dmdr.recipes import load_recipe
+    from dmdr.rewards.preflight import check_recipe_rewards
 
     bad = 0
     for f in files:
         try:
             r = load_recipe(f)
+            try:
+                check_recipe_rewards(r)  # every stage's rewards and plugin targets, now rather than at stage 2
+            except ValueError as e:
+                raise ValueError(f"{f}: {e}") from None
             typer.echo(f"ok       {f} (task={r.task})")
         except ValueError as e:
             bad += 1

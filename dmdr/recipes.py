@@ -14,6 +14,7 @@ every problem becomes a :class:`RecipeError` whose one-line message names the fi
 from __future__ import annotations
 
 from dmdr.errors import UserError
+from dmdr import safe_yaml
 
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -27,9 +28,24 @@ class RecipeError(UserError):
 
 
 class Strict(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are validated."""
+    """Base of every section: unknown keys are errors, assignments are validated, floats must be finite (no
+    ``.inf``/``.nan``) and a number field refuses a bool (``steps: true`` is not 1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_int(cls, data):
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                if isinstance(data.get(name), bool) and f.annotation in (int, int | None, float, float | None):
+                    kind = "an integer" if f.annotation in (int, int | None) else "a number"
+                    raise ValueError(f"{name}: expected {kind}, got the boolean {data[name]!r}")
+        return data
+
+
+MAX_THREADS = 1024   # runtime.threads above this is refused at validation (torch crashes on 100000)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run name becomes a directory name: no '/', no '..'
 
 
 # ---- shared sections -----------------------------------------------------------------------------------------------
@@ -38,7 +54,7 @@ class Runtime(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"     # auto: CUDA when present
     precision: Literal["fp32", "bf16"] = "fp32"         # bf16 = autocast for forwards; master weights stay fp32
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default")
+    threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads; 0 = leave torch's default")
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
         "auto", description="data parallelism under torchrun; auto = DMDR_DISTRIBUTED env, else ddp (docs/reliability.md)")
 
@@ -108,7 +124,8 @@ class Data(Strict):
 class Seeded(Strict):
     """Fields every recipe has: name, seed, runtime, logging."""
 
-    name: str = "run"
+    name: str = Field("run", pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'; at most 100 "
+                      "characters, first a letter or digit (it names the run directory)")
     seed: int = 0
     runtime: Runtime = Field(default_factory=Runtime)
     logging: Logging = Field(default_factory=Logging)
@@ -376,7 +393,8 @@ def format_validation_error(e: ValidationError, source: str) -> str:
         fix = f"set task to one of: {', '.join(TASKS)}"
     else:
         got = first.get("input")
-        fix = f"got {got!r}" if not isinstance(got, (dict, list)) else "check the value"
+        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."  # one readable line
+        fix = f"got {shown}" if not isinstance(got, (dict, list)) else "check the value"
     more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
     return f"{source}: {loc}: {msg}; {fix}{more}"
 
@@ -433,7 +451,9 @@ def read_recipe_dict(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe {p}: {e.__class__.__name__}; pass a readable UTF-8 YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)
+    except safe_yaml.YAMLLimitError as e:
+        raise RecipeError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -32,8 +32,11 @@ class StudentInfo:
     mode: str = "ode"  # the rollout the student was trained on (generator.backward_sim); sampling uses the same
 
 
-def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
-    """Load the student of a digits run. Raises :class:`UserError` (one line) if the run has none."""
+def load_student(run_dir: str | Path, warn=None) -> tuple[TinyDiT, StudentInfo]:
+    """Load the student of a digits run. Raises :class:`UserError` (one line) if the run has none.
+
+    Without ``student.safetensors`` the newest valid checkpoint is used; a damaged newer one is skipped and
+    reported through ``warn`` (the CLI prints it on stderr), and so is the fallback itself."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"--run {run}: no such run directory; pass the --out directory of a `dmdr train` run")
@@ -55,7 +58,7 @@ def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
     from dmdr.train.checkpoint import CheckpointError, load_latest_valid
 
     try:
-        path, tensors, _, recipe_yaml = load_latest_valid(run / "checkpoints", warn=lambda m: None)
+        path, tensors, _, recipe_yaml = load_latest_valid(run / "checkpoints", warn=warn or (lambda m: None))
     except CheckpointError:
         raise UserError(f"{run} has no student yet (no student.safetensors and no checkpoint); train it first "
                         f"with `dmdr train RECIPE --out {run}`") from None
@@ -70,6 +73,8 @@ def load_student(run_dir: str | Path) -> tuple[TinyDiT, StudentInfo]:
     except (RuntimeError, KeyError) as e:
         raise UserError(f"{path}: generator weights do not match the teacher architecture ({str(e)[:80]})") from None
     g = recipe.generator
+    if warn is not None:
+        warn(f"note: {run} has no student.safetensors; sampling the generator of checkpoint {path.name}")
     return model, StudentInfo(g.steps, g.shift, recipe.model.t_min, str(path), g.backward_sim)
 
 

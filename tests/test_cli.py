@@ -51,7 +51,7 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_teacher):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     r = ROOT / "recipes" / "digits.yaml"
-    _one_line_error(*_run("train", r, "--out", out, "--set", f"model.teacher={tiny_teacher}"), "already holds a run")
+    _one_line_error(*_run("train", r, "--out", out, "--set", f"model.teacher={tiny_teacher}"), "already holds files")
     assert (out / "precious.txt").read_text() == "keep me"
     _one_line_error(*_run("train", r, "--out", tmp_path / "empty", "--resume"), "no run to resume")
 

@@ -120,6 +120,41 @@ def test_sigterm_saves_at_the_current_step_and_resume_is_exact(teacher, referenc
     assert records(tmp_path) == records(reference)
 
 
+def test_a_signal_stops_after_one_inner_iteration_and_resume_is_exact(teacher, reference, tmp_path):
+    """Stop latency is one inner iteration (a critic update), not a whole generator step of ``ratio`` of them:
+    a signal after the critic-only iteration 5 saves there (inner step 5, generator step 2), and the resumed run
+    is still bit-for-bit the uninterrupted one."""
+    def hook(tr):
+        if tr.state.inner_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+    _, summary = train(teacher, tmp_path, hook=hook)
+    assert summary["interrupted"]
+    saved = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]
+    state = torch.load(saved / "state.pt", weights_only=True)
+    assert (int(state["trainer"]["global_step"]), int(state["trainer"]["inner_step"])) == (2, 5)
+    train(teacher, tmp_path, resume=True)
+    assert records(tmp_path) == records(reference)
+    a, b = final_tensors(tmp_path), final_tensors(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_checkpoint_with_valid_checksums_is_never_resumed(teacher, reference, tmp_path, capsys):
+    """NaN weights written with matching hashes: the checkpoint is skipped like a damaged one (older one used)."""
+    train(teacher, tmp_path, stop_at=5, checkpoint_every=1, log_every=1)
+    newest = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]
+    sd = load_file(str(newest / "generator.safetensors"))
+    from safetensors.torch import save_file
+    save_file({k: torch.full_like(v, float("nan")) for k, v in sd.items()}, str(newest / "generator.safetensors"))
+    import hashlib
+    man = json.loads((newest / "COMPLETE").read_text())
+    man["sha256"]["generator.safetensors"] = hashlib.sha256((newest / "generator.safetensors").read_bytes()).hexdigest()
+    (newest / "COMPLETE").write_text(json.dumps(man))
+    tr, _ = train(teacher, tmp_path, resume=True, checkpoint_every=1, log_every=1)
+    err = capsys.readouterr().err
+    assert "step-0000005" in err and "non-finite weights" in err
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "student.safetensors")).values())
+
+
 def test_resume_skips_a_damaged_newest_checkpoint_and_redoes_its_steps(teacher, reference, tmp_path, capsys):
     train(teacher, tmp_path, stop_at=5, checkpoint_every=1, log_every=1)
     newest = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]

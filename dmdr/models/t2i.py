@@ -809,7 +809,29 @@ def check_local_model_dir(path: str | Path | None, field: str = "model.path") ->
                                 f"set --set {field}=/local/dir)")
     if not (root / "model_index.json").is_file():
         raise ValueError(f"{field}={path}: not a diffusers pipeline folder (no model_index.json)")
+    index = _read_json(root / "model_index.json", field, path)
+    for comp in ("transformer", "unet", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        entry = index.get(comp)
+        if isinstance(entry, list) and entry and entry[0] is not None:  # listed and not disabled (null)
+            if not (root / comp / "config.json").is_file():
+                raise ValueError(f"{field}={path}: model_index.json lists {comp} but {comp}/config.json is missing; "
+                                 f"re-copy the model folder")
+            _read_json(root / comp / "config.json", field, path)
     return root
+
+
+def _read_json(f: Path, field: str, path) -> dict:
+    """A JSON object from ``f``, or a one-line ValueError naming the file (invalid JSON, not an object)."""
+    import json
+
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{field}={path}: {f.relative_to(Path(path).expanduser())} is not valid JSON "
+                         f"({e.__class__.__name__}); re-copy the model folder") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{field}={path}: {f.name} is not a JSON object; re-copy the model folder")
+    return data
 
 
 __all__ = [

@@ -8,7 +8,8 @@ A checkpoint is a directory ``<run>/checkpoints/step-<global step:07d>/`` holdin
 * ``state.pt``              — both optimisers, RNG states, counters (loaded with ``weights_only=True``);
 * ``recipe.yaml``           — the resolved recipe;
 * ``COMPLETE``              — written last: the step and the SHA-256 of every other file; a directory without
-  it is ignored, and a file whose hash differs makes the checkpoint "damaged".
+  it is ignored, and a file whose hash differs makes the checkpoint "damaged", as does a manifest that names
+  another step, lists no checksums, or leaves any file of the directory (or ``state.pt``/``recipe.yaml``) out.
 
 Writes go to ``step-….tmp`` and are renamed into place (``os.replace`` is atomic on POSIX), so a crash or
 SIGKILL mid-save never leaves a half-written checkpoint under a final name. Re-writing an existing step (the
@@ -36,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_RE = re.compile(r"^step-(\d+)(\.prev)?$")
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")   # a file in the checkpoint directory, no path
+REQUIRED_FILES = ("state.pt", "recipe.yaml")                  # every writer writes these
 
 
 class CheckpointError(UserError):
@@ -88,19 +91,27 @@ def write_checkpoint(root: str | os.PathLike, step: int, *, tensors: dict[str, d
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     prev = root / f"step-{step:07d}.prev"
-    for stale in root.glob("step-*.tmp"):  # left by a kill during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    for name, sd in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "recipe.yaml").write_text(recipe_yaml)
-    files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-    (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": files}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    for stale in root.glob("step-*.tmp"):  # left by a kill or a full disk during an earlier save
+        _remove(stale)
+    try:
+        tmp.mkdir()
+        for name, sd in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": files}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # ENOSPC, EROFS, EDQUOT... (torch.save reports some as RuntimeError)
+        _remove(tmp)
+        prior = [d for d in list_checkpoints(root) if not d.name.endswith(".prev")]
+        keep = f"the last complete checkpoint {prior[-1]} is intact" if prior else "no checkpoint was written yet"
+        why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else _short(e)
+        raise CheckpointError(f"cannot write checkpoint step {step} in {root}: {why}; {keep}; free space (or fix "
+                              f"the file system) and continue with --resume") from None
     if final.exists():
         if prev.exists():
             shutil.rmtree(prev)
@@ -115,6 +126,17 @@ def write_checkpoint(root: str | os.PathLike, step: int, *, tensors: dict[str, d
     for old in finals[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove(p: Path) -> None:
+    """Remove a leftover file or directory (a stale ``.tmp`` may be either)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        try:
+            p.unlink()
+        except OSError:
+            pass
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -138,7 +160,22 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         manifest = json.loads((path / "COMPLETE").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable COMPLETE marker ({e.__class__.__name__})") from None
-    for name, digest in (manifest.get("sha256") or {}).items():
+    listed = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not listed:
+        raise CheckpointError(f"{path}: COMPLETE lists no checksums (damaged or edited)")
+    m = STEP_RE.match(path.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        raise CheckpointError(f"{path}: COMPLETE names step {manifest.get('step')!r}, not {int(m.group(1))}")
+    present = {f.name for f in path.iterdir() if f.name != "COMPLETE"}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CheckpointError(f"{path}: {', '.join(unlisted[:3])} not listed in COMPLETE (damaged or edited)")
+    for required in REQUIRED_FILES:
+        if required not in listed:
+            raise CheckpointError(f"{path}: COMPLETE does not list {required} (damaged or edited)")
+    for name, digest in listed.items():
+        if not isinstance(name, str) or not SAFE_NAME_RE.match(name) or not isinstance(digest, str):
+            raise CheckpointError(f"{path}: COMPLETE has a malformed entry {str(name)[:40]!r}")
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")

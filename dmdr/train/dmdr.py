@@ -127,7 +127,9 @@ class DMDRTrainer:
         self.max_nonfinite_streak = 20
         self._acc: dict[str, list[float]] = defaultdict(list)  # scalars since the last metrics line (checkpointed)
         self._saved_step: int | None = None
+        self._saved_inner: int | None = None   # inner step of the last save (a stop may land between gen steps)
         self._last_update = "critic"
+        self._gen_tried = self._gen_ok = 0     # generator updates in this process: attempted / applied
 
     # ---- schedules ------------------------------------------------------------------------------------------------
     def lambda_real(self) -> float:
@@ -183,6 +185,9 @@ class DMDRTrainer:
         """Count a skipped update; a streak of ``max_nonfinite_streak`` skipped updates of one kind (generator or
         critic) stops the run with :class:`TrainingStopped` (checkpoints already written stay as they are)."""
         st, which = self.state, f"{self._last_update}_nonfinite_streak"
+        if self._last_update == "gen":
+            self._gen_tried += 1
+            self._gen_ok += int(ok)
         if ok:
             setattr(st, which, 0)
         else:
@@ -301,6 +306,9 @@ class DMDRTrainer:
         return t
 
     def load(self, tensors: dict, state: dict) -> None:
+        bad = non_finite(tensors)
+        if bad:  # a checkpoint with NaN weights (even with matching checksums) is never resumed from
+            raise ValueError(f"non-finite weights in {', '.join(bad)}")
         self.bundle.load_generator_state(tensors["generator"])
         self.bundle.load_critic_state(tensors["critic"])
         if self.ema is not None:
@@ -330,10 +338,12 @@ class DMDRTrainer:
         is always a good one."""
         k = self.state.global_step
         tensors = self.tensors()
-        bad = sorted(n for n, sd in tensors.items() for v in sd.values()
-                     if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        bad = non_finite(tensors)
         if bad:
             self._warn(f"warning: not saving step {k}: non-finite weights in {', '.join(bad)}")
+            return None
+        if not self._student_outputs_finite():
+            self._warn(f"warning: not saving step {k}: the student's samples are non-finite (weights blew up)")
             return None
         state = self.state_dict()
         if self.dist.active:
@@ -344,7 +354,7 @@ class DMDRTrainer:
                                          recipe_yaml=recipe_to_yaml(self.recipe),
                                          keep_last=self.recipe.logging.keep_last)
         self.dist.barrier()
-        self._saved_step = k
+        self._saved_step, self._saved_inner = k, self.state.inner_step
         return path
 
     def resume(self) -> Path:
@@ -360,8 +370,6 @@ class DMDRTrainer:
             old = validate_recipe(yaml.safe_load(recipe_yaml), str(path / "recipe.yaml"))
             blocking, changed = recipe_changes(old, self.recipe)
             if blocking:
-                if self.dist.is_main and (self.out / "recipe.yaml").exists():
-                    (self.out / "recipe.yaml").write_text(recipe_yaml)  # keep the run's recipe what it trained with
                 raise ckpt.CheckpointError(f"cannot resume: the recipe changed in fields that matter: "
                                            f"{', '.join(blocking[:6])}; revert them or start a new run with --force")
             self.load(tensors, state)
@@ -373,8 +381,9 @@ class DMDRTrainer:
             self.console(f"resuming with changed fields: {', '.join(harmless[:8])}"
                          f"{f' (+{len(harmless) - 8} more)' if len(harmless) > 8 else ''}")
         if self.dist.is_main:
-            truncate_metrics(self.out / "metrics.jsonl", self.state.global_step)
-        self._saved_step = self.state.global_step
+            truncate_metrics(self.out / "metrics.jsonl", self.state.global_step, warn=self._warn)
+            (self.out / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))  # written only once resume succeeded
+        self._saved_step, self._saved_inner = self.state.global_step, self.state.inner_step
         return path
 
     def _warn(self, msg: str) -> None:
@@ -401,6 +410,11 @@ class DMDRTrainer:
         old_handlers = ({s_: signal.signal(s_, self._on_signal) for s_ in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
         progress = make_progress(r.logging.progress and main)
+        from dmdr.train import startup
+
+        pending = startup.take_pending()  # a signal that came while models were built / the checkpoint loaded
+        if pending is not None:
+            self._stop_signal = pending
         fixed = self._fixed_sample_inputs()
         summary: dict[str, Any] = {"interrupted": False}
         acc = self._acc
@@ -421,6 +435,9 @@ class DMDRTrainer:
                         for k_, v in self.iteration().items():
                             acc[k_].append(v)
                         if self.state.global_step == before:
+                            # a critic-only iteration: stop here too, so the stop latency is one inner iteration
+                            if self.dist.any(self._stop_signal is not None):
+                                return self._stopped(summary, before)
                             continue
                         k = self.state.global_step
                         if k % r.logging.log_every == 0 or self.state.stage_step == steps:
@@ -441,24 +458,65 @@ class DMDRTrainer:
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                             self.save()
                         if self.dist.any(self._stop_signal is not None or (stop_at is not None and k >= stop_at)):
-                            if self._saved_step != k:
-                                self.save()
-                            summary["interrupted"] = True
-                            why = (f"signal {self._stop_signal}" if self._stop_signal is not None else
-                                   f"stop_at={stop_at}" if stop_at is not None and k >= stop_at else
-                                   "a signal on another rank")
-                            self.console(f"stopped by {why}; checkpoint saved at generator step {k}")
-                            return summary
+                            return self._stopped(summary, k, stop_at)
                     self.state.stage += 1
                     self.state.stage_step = 0
                     self.save()
+            # still under our handlers: a signal during the final grid or export is absorbed, not a kill (143)
+            self._check_some_update_applied()
+            self._check_student_finite()
+            if main:
+                summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
+                summary["student"] = self.export_student(out / "student.safetensors")
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
-        if main:
-            summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
-            summary["student"] = self.export_student(out / "student.safetensors")
         return summary
+
+    def _stopped(self, summary: dict, k: int, stop_at: int | None = None) -> dict:
+        """Save at the current position (unless just saved) and mark the summary interrupted."""
+        if (self._saved_step, self._saved_inner) != (k, self.state.inner_step):
+            self.save()
+        summary["interrupted"] = True
+        why = (f"signal {self._stop_signal}" if self._stop_signal is not None else
+               f"stop_at={stop_at}" if stop_at is not None and k >= stop_at else "a signal on another rank")
+        self.console(f"stopped by {why}; checkpoint saved at generator step {k}")
+        return summary
+
+    @torch.no_grad()
+    def _student_outputs_finite(self) -> bool:
+        """Finite weights can still be garbage (a huge step leaves 1e30s that overflow): does the student map 10
+        fixed noises (a local generator: no global RNG moves) to finite samples? Digits family only (cheap)."""
+        if self.recipe.model.family != "tiny" or "shared" in self.bundle.extra:
+            return True
+        g = torch.Generator().manual_seed(99)
+        noise = torch.randn(10, *self.bundle.sample_shape, generator=g).to(self.device)
+        labels = (torch.arange(10) % self.recipe.data.num_classes).to(self.device)
+        m = self.bundle.generator_module
+        was_training = m.training
+        m.eval()
+        try:
+            x = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode="ode")[K.SAMPLE]
+        finally:
+            m.train(was_training)
+        return bool(torch.isfinite(x).all())
+
+    def _check_student_finite(self) -> None:
+        """Refuse to export a student whose samples are non-finite (:meth:`_student_outputs_finite`)."""
+        if not self._student_outputs_finite():
+            done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
+            raise TrainingStopped(f"the student produces non-finite samples (its weights blew up); nothing exported"
+                                  f"{f', the last checkpoint is {done[-1]}' if done else ''}; lower the learning "
+                                  f"rates or use fp32")
+
+    def _check_some_update_applied(self) -> None:
+        """A run whose generator updates in this process were all skipped (non-finite) has nothing to export."""
+        if self._gen_tried and not self._gen_ok:
+            done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
+            raise TrainingStopped(f"none of the {self._gen_tried} generator updates of this run was applied (every "
+                                  f"loss or gradient was non-finite); nothing exported; "
+                                  f"{f'the last good checkpoint is {done[-1]}' if done else 'no checkpoint written'}; "
+                                  f"lower the learning rates or use fp32")
 
     # ---- samples and export -----------------------------------------------------------------------------------------
     def _fixed_sample_inputs(self):
@@ -495,6 +553,13 @@ class DMDRTrainer:
     def export_student(self, path: Path) -> Path | None:
         """Write the student (EMA if enabled): a standalone tiny-DiT file with its grid in the metadata, or, for
         text-to-image runs, the generator LoRA as a diffusers LoRA folder ``path.parent / "student_lora"``."""
+        bad = non_finite({"generator": self.bundle.generator_state(), **({"ema": self.ema} if self.ema else {})})
+        if bad:  # keep the last good student on disk; say so and exit non-zero
+            done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
+            raise TrainingStopped(f"the student has non-finite weights ({', '.join(bad)}); nothing exported, "
+                                  f"{path if path.exists() else 'no earlier student'} left as it was; "
+                                  f"{f'the last good checkpoint is {done[-1]}' if done else 'no checkpoint written'}; "
+                                  f"lower the learning rates or use fp32")
         if "shared" in self.bundle.extra:
             from dmdr.models.t2i import export_generator
 
@@ -517,6 +582,12 @@ class DMDRTrainer:
                                                    "mode": g.backward_sim},
                                        "recipe": self.recipe.name, "global_step": self.state.global_step})
         return path
+
+
+def non_finite(tensors: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Names (sorted) of the state dicts in ``tensors`` holding a NaN/Inf floating-point value."""
+    return sorted(n for n, sd in tensors.items()
+                  if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in sd.values()))
 
 
 def _with_state(module, sd):

@@ -160,10 +160,17 @@ class GRPOTrainer(DMDRTrainer):
                             f"student .safetensors, or null to start from the teacher")
         if p.is_file():
             return self._load_student_file(p)
+        task = _run_task(p)
+        if task is not None and task not in ("dmdr", "grpo"):
+            raise UserError(f"rl.init={init}: that is a task={task} run, not a student; pass the --out of a "
+                            f"`task: dmdr` or `task: grpo` run, a student .safetensors, or null for the teacher")
         cks = ckpt.list_checkpoints(p / "checkpoints")
         tensors = ckpt.read_checkpoint(cks[-1])[0] if cks else {}
         if (p / "student.safetensors").exists() and not b.generator_is_lora:
             src = self._load_student_file(p / "student.safetensors")
+        elif tensors and "generator" not in tensors:
+            raise UserError(f"rl.init={init}: its checkpoint {cks[-1].name} holds no generator; pass the --out of a "
+                            f"`task: dmdr` or `task: grpo` run")
         elif tensors:
             b.load_generator_state(tensors.get("ema", tensors["generator"]))
             src = str(cks[-1])
@@ -424,7 +431,8 @@ class GRPOTrainer(DMDRTrainer):
             self.load(tensors, state)
 
         path, *_ = ckpt.load_latest_valid(self.out / "checkpoints", warn=self._warn, apply=apply)
-        truncate_metrics(self.out / "metrics.jsonl", self.state.global_step)
+        truncate_metrics(self.out / "metrics.jsonl", self.state.global_step, warn=self._warn)
+        save_recipe(self.recipe, self.out / "recipe.yaml")   # written only once resume succeeded
         self._saved_step = self.state.global_step
         return path
 
@@ -444,6 +452,11 @@ class GRPOTrainer(DMDRTrainer):
         log = MetricsLog(out / "metrics.jsonl")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = make_progress(r.logging.progress)
+        from dmdr.train import startup
+
+        pending = startup.take_pending()  # a signal that came while models were built / the checkpoint loaded
+        if pending is not None:
+            self._stop_signal = pending
         fixed = self._fixed_sample_inputs()
         summary: dict[str, Any] = {"interrupted": False}
         acc: dict[str, list[float]] = defaultdict(list)
@@ -482,16 +495,30 @@ class GRPOTrainer(DMDRTrainer):
                         summary["interrupted"] = True
                         self.console(f"stopped by signal {self._stop_signal}; checkpoint saved at iteration {k}")
                         return summary
+            # still under our handlers: a signal during the final save, eval or export is absorbed (no 143)
+            self.save()
+            self._check_some_update_applied()
+            self._check_student_finite()
+            ev = self._log_eval(log)
+            if ev:
+                summary["eval"] = ev
+            summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
+            summary["student"] = self.export_student(out / "student.safetensors")
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
-        self.save()
-        ev = self._log_eval(log)
-        if ev:
-            summary["eval"] = ev
-        summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
-        summary["student"] = self.export_student(out / "student.safetensors")
         return summary
+
+
+def _run_task(run: Path) -> str | None:
+    """``task`` of the run directory ``run`` (from its recipe.yaml), or None when it has no readable one."""
+    from dmdr import safe_yaml
+
+    try:
+        data = safe_yaml.load((run / "recipe.yaml").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return data.get("task") if isinstance(data, dict) else None
 
 
 def _nanmean(v: list[float]) -> float:
@@ -508,7 +535,8 @@ def run_grpo(recipe: GRPORecipe, out: Path, device: torch.device, *, resume: boo
     require_single_process("task: grpo")   # _step does not average gradients over ranks
     if smoke:
         recipe = smoke_recipe(recipe)
-        save_recipe(recipe, out / "recipe.yaml")
+        if not resume:   # on resume, GRPOTrainer.resume writes it once the checkpoint is accepted
+            save_recipe(recipe, out / "recipe.yaml")
     summary = GRPOTrainer(recipe, out, device, console=console).run(resume=resume)
     return {"student": summary.get("student"), "sample grid": summary.get("final_grid"),
             "interrupted": summary.get("interrupted", False)}

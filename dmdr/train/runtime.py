@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class RunDirError(UserError):
-    """The output directory cannot be used as asked (one-line message)."""
+from dmdr.train.rundir import RunDirError  # noqa: F401 - re-exported (it used to live here)
 
 
 class DeviceError(UserError):
@@ -104,7 +101,8 @@ def rng_neutral():
 def prepare_run_dir(out: str | os.PathLike, *, resume: bool, force: bool) -> Path:
     """Create or validate the run directory. An existing non-empty directory needs ``resume`` or ``force``.
 
-    ``force`` moves nothing aside: it deletes the old run's contents (the user asked for it explicitly).
+    ``force`` deletes the old run's contents, and only in a directory that dmdr created as a run (its marker
+    file); the directory is locked for this process (:mod:`dmdr.train.rundir`).
     Under torchrun, rank 0 does the work and the other ranks wait for it (same errors on every rank).
     """
     from dmdr.train import distributed
@@ -137,17 +135,10 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _prepare(out: Path, *, resume: bool, force: bool) -> Path:
-    nonempty = out.is_dir() and any(out.iterdir())
-    if resume:
-        if not nonempty:
-            raise RunDirError(f"--resume: {out} has no run to resume; drop --resume to start a new run")
-        return out
-    if nonempty and not force:
-        raise RunDirError(f"{out} already holds a run; pass --resume to continue it or --force to overwrite it")
-    if nonempty and force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """Marker, ``--force`` and lock rules: :func:`dmdr.train.rundir.prepare`."""
+    from dmdr.train import rundir
+
+    return rundir.prepare(out, resume=resume, force=force)
 
 
 class MetricsLog:
@@ -183,20 +174,34 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
-    """On resume, drop log lines written after the checkpoint being resumed (their work is redone) and any torn
-    line. The file is rewritten atomically (temporary file + rename), so a kill here loses nothing."""
+def truncate_metrics(path: str | os.PathLike, max_step: int, warn=None) -> None:
+    """On resume, drop log lines written after the checkpoint being resumed (their work is redone) and any line
+    that is not a JSON object (a torn last line after a kill, or garbage). Such lines are not lost silently: they
+    are appended to ``<path>.rejected`` and reported through ``warn``. The file is rewritten atomically
+    (temporary file + rename), so a kill here loses nothing."""
     path = Path(path)
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
+    keep, rejected = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict):
+            if line.strip():
+                rejected.append((i, line))
             continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= max_step:
+        step = rec.get("step", 0)
+        if not isinstance(step, (int, float)) or step <= max_step:
             keep.append(line)
+    if rejected:
+        with open(path.with_name(path.name + ".rejected"), "a") as f:
+            f.write("".join(l + "\n" for _, l in rejected))
+        if warn is not None:
+            lines = ", ".join(str(i) for i, _ in rejected[:5]) + (" ..." if len(rejected) > 5 else "")
+            warn(f"warning: {path}: {len(rejected)} line(s) that are not JSON records (line {lines}) moved to "
+                 f"{path.name}.rejected")
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write("".join(l + "\n" for l in keep))

@@ -77,7 +77,8 @@ def train_teacher(recipe: TeacherRecipe, out: Path, *, device: torch.device, res
         data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         step = int(state["step"])
-        truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "metrics.jsonl", step, warn=console)
+        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))  # written only once resume succeeded
         console(f"resumed from {path} at step {step}")
 
     def save(step: int) -> None:
