@@ -51,6 +51,10 @@ class TrainingStopped(UserError, RuntimeError):
     A :class:`~dmdr.errors.UserError`, so the CLI prints it as one line and exits with code 2."""
 
 
+class MonitorStopped(TrainingStopped):
+    """A monitor with ``action: stop`` (or a rollback past ``max_rollbacks``) ended the run; a checkpoint was saved."""
+
+
 @dataclass
 class DMDRState:
     """Everything besides weights and optimisers that a resume needs (STYLE.md §4)."""
@@ -128,6 +132,9 @@ class DMDRTrainer:
         self._acc: dict[str, list[float]] = defaultdict(list)  # scalars since the last metrics line (checkpointed)
         self._saved_step: int | None = None
         self._last_update = "critic"
+        from dmdr.train.monitoring import MonitorHook
+
+        self.monitor = MonitorHook.create(self)  # None unless recipe.monitors is on (docs/monitors.md)
 
     # ---- schedules ------------------------------------------------------------------------------------------------
     def lambda_real(self) -> float:
@@ -149,10 +156,11 @@ class DMDRTrainer:
 
     def set_stage_lrs(self) -> None:
         st, o = self.recipe.stages[self.state.stage], self.recipe.optim
+        scale = self.monitor.bank.lr_scale if self.monitor is not None else 1.0  # lowered by monitor rollbacks
         for g in self.opt_gen.param_groups:
-            g["lr"] = st.lr_gen or o.lr_gen
+            g["lr"] = (st.lr_gen or o.lr_gen) * scale
         for g in self.opt_critic.param_groups:
-            g["lr"] = st.lr_critic or o.lr_critic
+            g["lr"] = (st.lr_critic or o.lr_critic) * scale
 
     # ---- one inner iteration ---------------------------------------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
@@ -291,6 +299,7 @@ class DMDRTrainer:
                 "opt_critic": self.opt_critic.state_dict(), "rng": rng_state(),
                 "metrics_acc": {k: torch.tensor(v, dtype=torch.float64) for k, v in self._acc.items()},
                 "world_size": torch.tensor(self.dist.world_size),
+                **({"monitors": self.monitor.bank.state_dict()} if self.monitor is not None else {}),
                 **({"data": self.bundle.extra["prompt_sampler"].state_dict()}
                    if "prompt_sampler" in self.bundle.extra else {})}
 
@@ -311,6 +320,8 @@ class DMDRTrainer:
         self.state = DMDRState.from_tensors(state["trainer"])
         if "data" in state and "prompt_sampler" in self.bundle.extra:  # T2I prompt order resumes exactly
             self.bundle.extra["prompt_sampler"].load_state_dict(state["data"])
+        if self.monitor is not None and "monitors" in state:
+            self.monitor.bank.load_state_dict(state["monitors"])
         self._acc = defaultdict(list, {k: [float(x) for x in v.tolist()]
                                        for k, v in state.get("metrics_acc", {}).items()})
         ranks, saved_world = state.get("rng_ranks"), int(state.get("world_size", 1))
@@ -385,6 +396,18 @@ class DMDRTrainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _monitor_step(self, k: int, log: MetricsLog) -> None:
+        """Measure the monitors when due (docs/monitors.md); a ``stop`` alarm saves a checkpoint and raises
+        :class:`MonitorStopped`. Every rank measures the same fixed set, so every rank takes the same action."""
+        if self.monitor is None or not self.monitor.due(k):
+            return
+        alarm = self.monitor.check(k, log.write, self.console)
+        if alarm is not None:
+            if self._saved_step != k:
+                self.save()
+            raise MonitorStopped(f"{alarm.message}; run stopped, checkpoint saved at step {k} in "
+                                 f"{self.out / 'checkpoints'}")
+
     def run(self, *, resume: bool = False, max_steps_per_stage: int | None = None,
             stop_at: int | None = None) -> dict[str, Any]:
         """Train all stages; returns a summary.
@@ -406,6 +429,8 @@ class DMDRTrainer:
         acc = self._acc
         try:
             with (progress or _Null()) as p:
+                if self.state.global_step == 0:
+                    self._monitor_step(0, log)
                 while self.state.stage < len(r.stages):
                     stage = r.stages[self.state.stage]
                     steps = min(stage.steps, max_steps_per_stage) if max_steps_per_stage else stage.steps
@@ -435,11 +460,13 @@ class DMDRTrainer:
                             acc.clear()
                             if task is not None:
                                 info = " ".join(f"{n[5:]} {rec[n]:.3g}" for n in rec if n.startswith("loss_"))
+                                info += f" | {self.monitor.bank.status()}" if self.monitor is not None else ""
                                 p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
                         if main and r.logging.sample_every and k % r.logging.sample_every == 0:
                             self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                             self.save()
+                        self._monitor_step(k, log)
                         if self.dist.any(self._stop_signal is not None or (stop_at is not None and k >= stop_at)):
                             if self._saved_step != k:
                                 self.save()

@@ -445,6 +445,8 @@ class GRPOTrainer(DMDRTrainer):
                 t_start, k0 = time.time(), self.state.global_step
                 if r.eval.every and self.state.global_step == 0:
                     self._log_eval(log)
+                if self.state.global_step == 0:
+                    self._monitor_step(0, log)
                 while self.state.global_step < total:
                     for k_, v in self.iteration().items():
                         acc[k_].append(v)
@@ -461,13 +463,15 @@ class GRPOTrainer(DMDRTrainer):
                         if task is not None:
                             p.update(task, completed=k, rate=f"{rate:.2f} it/s",
                                      info=f"reward {rec.get('reward_mean', float('nan')):.3g} "
-                                          f"clip {rec.get('clip_fraction', float('nan')):.2f}")
+                                          f"clip {rec.get('clip_fraction', float('nan')):.2f}"
+                                          + (f" | {self.monitor.bank.status()}" if self.monitor is not None else ""))
                     if r.eval.every and k % r.eval.every == 0 and k < total:
                         self._log_eval(log)
                     if r.logging.sample_every and k % r.logging.sample_every == 0:
                         self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
                     if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                         self.save()
+                    self._monitor_step(k, log)
                     if self._stop_signal is not None:
                         self.save()
                         summary["interrupted"] = True

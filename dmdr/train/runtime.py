@@ -205,12 +205,11 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> None:
     os.replace(tmp, path)
 
 
-def make_progress(enabled: bool):
-    """A rich Progress with stage, step, losses, it/s and ETA columns (or None when disabled)."""
+def make_progress(enabled: bool, console=None):
+    """The progress display (:class:`dmdr.train.progress.ProgressDisplay`: stage, step, it/s, ETA, then the
+    losses and monitor status on their own wrapped line; plain lines when stdout is not a terminal), or None."""
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from dmdr.train.progress import ProgressDisplay
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+    return ProgressDisplay(console)
