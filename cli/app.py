@@ -319,6 +319,20 @@ def eval_(
         typer.echo(f"wrote {json_out}")
 
 
+# ---- report ----------------------------------------------------------------------------------------------------------
+@app.command()
+@guarded
+def report(
+    run: Path = typer.Argument(..., help="a run directory (the --out of `dmdr train`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN/report.html)"),
+):
+    """One self-contained HTML page of a run: loss/reward/monitor curves, sample grids over time, eval tables,
+    alarms and the resolved recipe (inline SVG/JS, images as data URIs; opens with no network)."""
+    from dmdr.eval.html_report import build_report
+
+    typer.echo(f"wrote {build_report(run, out)}")
+
+
 # ---- recipes ---------------------------------------------------------------------------------------------------------
 @recipes_app.command("list")
 @guarded
