@@ -135,6 +135,9 @@ class DMDRTrainer:
         from dmdr.train.monitoring import MonitorHook
 
         self.monitor = MonitorHook.create(self)  # None unless recipe.monitors is on (docs/monitors.md)
+        from dmdr.train.trackers import make_tracker
+
+        self.tracker = make_tracker(recipe, out) if self.dist.is_main else None  # logging.tracker (optional)
 
     # ---- schedules ------------------------------------------------------------------------------------------------
     def lambda_real(self) -> float:
@@ -421,6 +424,7 @@ class DMDRTrainer:
             p = self.resume()
             self.console(f"resumed from {p} (stage {self.state.stage}, generator step {self.state.global_step})")
         log = MetricsLog(out / "metrics.jsonl", enabled=main)
+        log.tracker = self.tracker
         old_handlers = ({s_: signal.signal(s_, self._on_signal) for s_ in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
         progress = make_progress(r.logging.progress and main)
@@ -482,6 +486,8 @@ class DMDRTrainer:
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
+            if self.tracker is not None:
+                self.tracker.close()
         if main:
             summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
             summary["student"] = self.export_student(out / "student.safetensors")

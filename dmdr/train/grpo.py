@@ -433,6 +433,7 @@ class GRPOTrainer(DMDRTrainer):
         total = min(r.iterations, max_iterations) if max_iterations else r.iterations
         out.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(out / "metrics.jsonl")
+        log.tracker = self.tracker
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = make_progress(r.logging.progress)
         fixed = self._fixed_sample_inputs()
@@ -482,6 +483,8 @@ class GRPOTrainer(DMDRTrainer):
                 signal.signal(s_, h)
         self.save()
         ev = self._log_eval(log)
+        if self.tracker is not None:
+            self.tracker.close()
         if ev:
             summary["eval"] = ev
         summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)

@@ -157,6 +157,7 @@ class MetricsLog:
         self.path = Path(path)
         self.enabled = enabled
         self._t0 = time.time()
+        self.tracker = None  # optional mirror (dmdr.train.trackers); this file stays the source of truth
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -167,6 +168,8 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:
+            self.tracker.log(rec)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
