@@ -209,6 +209,7 @@ class MonitorBank:
     states: dict[str, CheckState] = field(default_factory=dict)
     rollbacks: int = 0
     lr_scale: float = 1.0
+    last_step: int = -1  # the step of the last measurement (a resumed run re-measures only if it is missing)
 
     def __post_init__(self):
         for c in self.config.checks:
@@ -219,6 +220,7 @@ class MonitorBank:
 
         A NaN value counts as a violation (a sampler or reward that produced NaN is itself an alarm)."""
         alarms, improved = [], []
+        self.last_step = step
         for c in self.config.checks:
             st, v = self.states[c.label], float(values.get(c.label, math.nan))
             st.last = v
@@ -260,7 +262,7 @@ class MonitorBank:
 
     def state_dict(self) -> dict[str, Any]:
         return {"states": {k: asdict(v) for k, v in self.states.items()}, "rollbacks": self.rollbacks,
-                "lr_scale": self.lr_scale}
+                "lr_scale": self.lr_scale, "last_step": self.last_step}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.get("states", {}).items():
@@ -268,6 +270,7 @@ class MonitorBank:
                 self.states[k] = CheckState(**v)
         self.rollbacks = int(d.get("rollbacks", 0))
         self.lr_scale = float(d.get("lr_scale", 1.0))
+        self.last_step = int(d.get("last_step", -1))
 
 
 __all__ = ["Alarm", "CheckState", "MonitorBank", "MonitorCheck", "Monitors", "RewardRef", "Rollback", "RULES",

@@ -221,3 +221,19 @@ def test_dmdr_trainer_measures_and_checkpoints_monitor_state(teacher, tmp_path):
 
     _, state, *_ = read_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])
     assert state["monitors"]["states"]["fid"]["best_step"] in (2, 4)
+
+
+def test_resume_measures_a_missing_step_once(teacher, tmp_path):
+    from dmdr.train.grpo import GRPOTrainer
+
+    r = _grpo(teacher, "monitors.every=2", "iterations=4", "logging.checkpoint_every=2",
+              "monitors.checks=[{kind: brightness, threshold: 100}]")
+    tr = GRPOTrainer(r, tmp_path, torch.device("cpu"), console=lambda *a: None)
+    tr.run(max_iterations=2)
+    steps = [m["step"] for m in _metrics(tmp_path) if "monitor_brightness" in m]
+    assert steps == [0, 2]                                  # step 2 measured before its checkpoint
+    tr2 = GRPOTrainer(r, tmp_path, torch.device("cpu"), console=lambda *a: None)
+    tr2.run(resume=True)
+    steps = [m["step"] for m in _metrics(tmp_path) if "monitor_brightness" in m]
+    assert steps == [0, 2, 4]                               # no second measurement of step 2
+    assert tr2.monitor.bank.last_step == 4

@@ -402,7 +402,7 @@ class DMDRTrainer:
     def _monitor_step(self, k: int, log: MetricsLog) -> None:
         """Measure the monitors when due (docs/monitors.md); a ``stop`` alarm saves a checkpoint and raises
         :class:`MonitorStopped`. Every rank measures the same fixed set, so every rank takes the same action."""
-        if self.monitor is None or not self.monitor.due(k):
+        if self.monitor is None or not self.monitor.due(k) or self.monitor.bank.last_step == k:
             return
         alarm = self.monitor.check(k, log.write, self.console)
         if alarm is not None:
@@ -433,8 +433,7 @@ class DMDRTrainer:
         acc = self._acc
         try:
             with (progress or _Null()) as p:
-                if self.state.global_step == 0:
-                    self._monitor_step(0, log)
+                self._monitor_step(self.state.global_step, log)  # step 0, or a resumed step not yet measured
                 while self.state.stage < len(r.stages):
                     stage = r.stages[self.state.stage]
                     steps = min(stage.steps, max_steps_per_stage) if max_steps_per_stage else stage.steps
@@ -468,9 +467,9 @@ class DMDRTrainer:
                                 p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
                         if main and r.logging.sample_every and k % r.logging.sample_every == 0:
                             self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
+                        self._monitor_step(k, log)  # before the checkpoint, so that it holds this measurement
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                             self.save()
-                        self._monitor_step(k, log)
                         if self.dist.any(self._stop_signal is not None or (stop_at is not None and k >= stop_at)):
                             if self._saved_step != k:
                                 self.save()

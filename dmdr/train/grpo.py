@@ -446,8 +446,7 @@ class GRPOTrainer(DMDRTrainer):
                 t_start, k0 = time.time(), self.state.global_step
                 if r.eval.every and self.state.global_step == 0:
                     self._log_eval(log)
-                if self.state.global_step == 0:
-                    self._monitor_step(0, log)
+                self._monitor_step(self.state.global_step, log)  # step 0, or a resumed step not yet measured
                 while self.state.global_step < total:
                     for k_, v in self.iteration().items():
                         acc[k_].append(v)
@@ -470,9 +469,9 @@ class GRPOTrainer(DMDRTrainer):
                         self._log_eval(log)
                     if r.logging.sample_every and k % r.logging.sample_every == 0:
                         self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
+                    self._monitor_step(k, log)  # before the checkpoint, so that it holds this measurement
                     if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                         self.save()
-                    self._monitor_step(k, log)
                     if self._stop_signal is not None:
                         self.save()
                         summary["interrupted"] = True
