@@ -9,8 +9,8 @@ Per seed s (all runs ``runtime.threads=1``, ``logging.progress=false``):
   too large (0.5 instead of 0.05). Expected: flagged.
 * ``grpo-none-warn-s{s}`` / ``grpo-none-stop-s{s}`` — ``recipes/digits-grpo.yaml`` from the distilled
   ``dmdr-default-s{s}`` student + critic (DynaDG/DynaRS off, as the recipe says for a distilled start),
-  ``rl.regularizer: none`` on ``digits_hackable``, 60 iterations (shipped: 300), evaluation (1000 samples) every
-  5 iterations. ``warn``: every monitor only warns, so the run shows how FID goes on; ``stop``: the shipped
+  ``rl.regularizer: none`` on ``digits_hackable``, 40 iterations (shipped: 300), evaluation (1000 samples) every
+  iteration. ``warn``: every monitor only warns, so the run shows how FID goes on; ``stop``: the shipped
   actions (FID and reward saturation stop the run).
 * ``grpo-default-s{s}`` — the shipped GRPO recipe (DMD regulariser) from the same start, **40 iterations**
   (shipped 300), evaluation every 10. Expected: no alarm.
@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dmdr-monitors-demo"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--stage1", type=int, default=300)
-    ap.add_argument("--grpo-none-iters", type=int, default=60)
+    ap.add_argument("--grpo-none-iters", type=int, default=40)
+    ap.add_argument("--reuse", action="store_true", help="keep a finished dmdr-default run of an earlier call")
     ap.add_argument("--grpo-default-iters", type=int, default=40)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -100,12 +101,14 @@ def main() -> None:
         dmdr_common = [*COMMON, *seed, "--set", f"stages.0.steps={a.stage1}",
                        "--set", f"logging.checkpoint_every={a.stage1}", *starts]
         name = f"dmdr-default-s{s}"
-        run([*DMDR, "train", "recipes/digits.yaml", "--out", str(base), "--force", *dmdr_common], base, results, name)
-        _save(results, res_file, a.out, base, name)
+        if not (a.reuse and (base / "student.safetensors").exists() and name in results["runs"]):
+            run([*DMDR, "train", "recipes/digits.yaml", "--out", str(base), "--force", *dmdr_common], base, results,
+                name)
+            _save(results, res_file, a.out, base, name)
         # GRPO from the distilled student (+ critic)
         g_common = [*COMMON, *seed, "--set", f"rl.init={base}", "--set", "dmd.dynadg.enabled=false",
                     "--set", "dmd.dynars.enabled=false", "--set", "eval.samples=1000"]
-        none = ["--set", "rl.regularizer=none", "--set", f"iterations={a.grpo_none_iters}", "--set", "eval.every=5"]
+        none = ["--set", "rl.regularizer=none", "--set", f"iterations={a.grpo_none_iters}", "--set", "eval.every=1"]
         for mode, extra in (("stop", []), ("warn", ["--set", "monitors.checks.0.action=warn",
                                                      "--set", "monitors.checks.1.action=warn"])):
             name, d = f"grpo-none-{mode}-s{s}", work / f"grpo-none-{mode}"

@@ -105,9 +105,6 @@ class MonitorHook:
                 if c.ceiling is None and not tiny:
                     raise UserError(f"monitors: check {c.label!r} needs `ceiling:` (the saturated reward level) "
                                     f"for model.family={r.model.family}")
-        for c in self.cfg.checks:
-            if c.action == "rollback" and self.tr.out is None:
-                raise UserError("monitors: rollback needs a run directory")
 
     # ---- measuring ----------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
