@@ -161,5 +161,27 @@ def group_summary(runs: dict) -> dict:
     return out
 
 
+
+
+def table(res_file: Path) -> str:
+    """The markdown rows quoted in docs/monitors.md, from results.json."""
+    runs = json.loads(res_file.read_text())["runs"]
+    lines = ["| run | seed | exit | first alarm (step) | checks that fired | stopped at | eval FID start → at first alarm | "
+             "first step with eval FID ≥ 2× start | last step |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(runs, key=lambda n: (n.rsplit("-s", 1)[0], n)):
+        r = runs[name]
+        g, s = name.rsplit("-s", 1)
+        f0, fa = r.get("eval_fid_start"), r.get("eval_fid_at_first_alarm")
+        fid = "–" if f0 is None else f"{f0:.2f} → {fa:.2f}" if fa is not None else f"{f0:.2f} → –"
+        lines.append(f"| {g} | {s} | {r['exit_code']} | {r['first_alarm_step'] if r['first_alarm_step'] is not None else 'none'} | "
+                     f"{', '.join(r['checks_flagged']) or '–'} | {r['stopped_at'] if r['stopped_at'] is not None else '–'} | "
+                     f"{fid} | {r.get('first_step_eval_fid_doubled') if r.get('first_step_eval_fid_doubled') is not None else '–'} | "
+                     f"{r['last_step']} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--table"]:
+        print(table(Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "bench" / "results" / "monitors" / "results.json"))
+    else:
+        main()
