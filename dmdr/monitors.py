@@ -75,6 +75,8 @@ class MonitorCheck(_Strict):
                              "(heldout_<reward> for held-out rewards)")
     start: int = Field(0, ge=0, description="first step whose measurement may set best/ref and raise an alarm")
     patience: int = Field(1, ge=1, description="consecutive violations needed for an alarm")
+    smooth: int = Field(1, ge=1, description="judge the median of the last `smooth` measurements (noisy metrics "
+                        "such as FID on a few hundred samples); 1 = the raw value")
     reward: RewardRef | None = Field(None, description="heldout_reward: the reward (must not be a training "
                                      "reward); reward_saturation: the training reward (default: the first one)")
     ceiling: float | None = Field(None, description="reward_saturation: the reward level counted as saturated "
@@ -148,6 +150,7 @@ class CheckState:
     alarms: int = 0
     last: float = math.nan
     last_d: float = math.nan
+    recent: list = field(default_factory=list)  # the last `smooth` raw values (from `start` on)
 
 
 @dataclass
@@ -227,6 +230,11 @@ class MonitorBank:
             if step < c.start:
                 st.last_d = math.nan
                 continue
+            st.recent = (st.recent + [v])[-c.smooth:]
+            if c.smooth > 1:
+                finite = sorted(x for x in st.recent if not math.isnan(x))
+                v = finite[len(finite) // 2] if len(finite) % 2 else (
+                    (finite[len(finite) // 2 - 1] + finite[len(finite) // 2]) / 2 if finite else math.nan)
             d = degradation(c.kind, v, st)
             st.last_d = d
             if RULES[c.kind] == "drift" and math.isnan(st.ref) and not math.isnan(v):

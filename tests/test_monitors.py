@@ -237,3 +237,12 @@ def test_resume_measures_a_missing_step_once(teacher, tmp_path):
     steps = [m["step"] for m in _metrics(tmp_path) if "monitor_brightness" in m]
     assert steps == [0, 2, 4]                               # no second measurement of step 2
     assert tr2.monitor.bank.last_step == 4
+
+
+def test_smooth_ignores_a_single_spike_but_not_a_trend():
+    b = _bank(MonitorCheck(kind="fid", threshold=0.3, smooth=3))
+    for step, v in enumerate([1.1, 1.15, 0.95, 1.4, 1.0, 1.05]):   # noise around 1 with one spike
+        assert b.update(step, {"fid": v})[0] == [], step
+    fired = [step for step, v in enumerate([1.25, 1.6, 2.0], start=6) if b.update(step, {"fid": v})[0]]
+    assert fired == [8]                # step 7: median(1.05, 1.25, 1.6) = 1.25; step 8: 1.6
+    assert b.states["fid"].last == 2.0 and len(b.states["fid"].recent) == 3
