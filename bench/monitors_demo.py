@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--stage1", type=int, default=300)
     ap.add_argument("--grpo-none-iters", type=int, default=40)
     ap.add_argument("--reuse", action="store_true", help="keep a finished dmdr-default run of an earlier call")
+    ap.add_argument("--grpo-only", action="store_true", help="only the GRPO runs (needs the dmdr-default runs)")
     ap.add_argument("--grpo-default-iters", type=int, default=40)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,9 @@ def main() -> None:
     results["meta"] = {"command": "python bench/monitors_demo.py " + " ".join(sys.argv[1:]),
                        "seeds": a.seeds, "stage1_steps": a.stage1, "grpo_none_iters": a.grpo_none_iters,
                        "grpo_default_iters": a.grpo_default_iters, "loadavg_at_start": os.getloadavg(),
-                       "note": "shortened runs (see the module docstring); CPU, shared 2-core machine"}
+                       "note": "shortened runs (see the module docstring); CPU, shared 2-core machine",
+                       "grpo_only": a.grpo_only}
+    results.setdefault("invocations", []).append(results["meta"])
     n_checks = 7
     starts = [x for i in range(n_checks) for x in ("--set", f"monitors.checks.{i}.start={a.stage1}")]
     for s in a.seeds:
@@ -117,16 +120,19 @@ def main() -> None:
             _save(results, res_file, a.out, d, name)
         # DMDR with a 10x reward weight, resumed from the default run's end of stage 1
         d = work / "dmdr-10x"
-        if d.exists():
+        if a.grpo_only:
+            pass
+        elif d.exists():
             shutil.rmtree(d)
-        shutil.copytree(base, d, ignore=shutil.ignore_patterns("student.safetensors", "samples"))
-        for ck in sorted((d / "checkpoints").glob("step-*")):
-            if int(ck.name.split("-")[1]) > a.stage1:
-                shutil.rmtree(ck)
-        name = f"dmdr-10x-s{s}"
-        run([*DMDR, "train", "recipes/digits.yaml", "--out", str(d), "--resume", *dmdr_common,
-             "--set", "stages.1.rewards.0.weight=0.5"], d, results, name)
-        _save(results, res_file, a.out, d, name)
+        if not a.grpo_only:
+            shutil.copytree(base, d, ignore=shutil.ignore_patterns("student.safetensors", "samples"))
+            for ck in sorted((d / "checkpoints").glob("step-*")):
+                if int(ck.name.split("-")[1]) > a.stage1:
+                    shutil.rmtree(ck)
+            name = f"dmdr-10x-s{s}"
+            run([*DMDR, "train", "recipes/digits.yaml", "--out", str(d), "--resume", *dmdr_common,
+                 "--set", "stages.1.rewards.0.weight=0.5"], d, results, name)
+            _save(results, res_file, a.out, d, name)
         name, d = f"grpo-default-s{s}", work / "grpo-default"
         run([*DMDR, "train", "recipes/digits-grpo.yaml", "--out", str(d), "--force", *g_common,
              "--set", f"iterations={a.grpo_default_iters}", "--set", "eval.every=10"], d, results, name)
