@@ -89,6 +89,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     res_file = a.out / "results.json"
     results = json.loads(res_file.read_text()) if res_file.exists() else {"runs": {}}
+    if "meta" in results and not results.get("invocations"):
+        results["invocations"] = [results["meta"]]
     results["meta"] = {"command": "python bench/monitors_demo.py " + " ".join(sys.argv[1:]),
                        "seeds": a.seeds, "stage1_steps": a.stage1, "grpo_none_iters": a.grpo_none_iters,
                        "grpo_default_iters": a.grpo_default_iters, "loadavg_at_start": os.getloadavg(),
