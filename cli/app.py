@@ -402,12 +402,36 @@ def _sample_t2i_run(run: Path, prompt: List[str], prompts_file: Optional[Path], 
 @app.command("eval")
 @guarded
 def eval_(
-    samples: Path = typer.Argument(..., help=".npz from `dmdr sample --out X.npz` (images N×1×8×8 in [0,1], labels)"),
+    samples: Optional[Path] = typer.Argument(None, help=".npz from `dmdr sample --out X.npz` (images N×1×8×8 in "
+                                             "[0,1], labels)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics as JSON here"),
+    run: Optional[Path] = typer.Option(None, "--run", help="text-to-image: a run directory (student vs teacher)"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="text-to-image: prompt file (.txt or .jsonl)"),
+    teacher_steps: int = typer.Option(28, "--teacher-steps", help="text-to-image: teacher sampling steps"),
+    teacher_cfg: Optional[float] = typer.Option(None, "--teacher-cfg", help="text-to-image: teacher CFG "
+                                                "(default: the run's dmd.cfg)"),
+    seeds: int = typer.Option(2, "--seeds", help="text-to-image: seeds per prompt (>= 2)"),
+    reward: List[str] = typer.Option([], "--reward", help="text-to-image: an extra (held-out) reward, "
+                                     "NAME or NAME:{yaml kwargs} (repeatable); the training rewards are always in"),
+    clip_checkpoint: Optional[str] = typer.Option(None, "--clip-checkpoint", help="text-to-image: CLIP model for "
+                                                  "the CLIP score and diversity (default: the run's clip reward)"),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="text-to-image: side-by-side PNG (default "
+                                        "RUN/eval_t2i.png)"),
+    device: str = typer.Option("cpu", "--device", help="text-to-image: auto|cpu|cuda"),
 ):
-    """FID, k-NN precision/recall, class accuracy and mean reward of digits samples."""
+    """Digits: FID, k-NN precision/recall, class accuracy and mean reward of SAMPLES.npz. Text-to-image
+    (--run DIR --prompts FILE): student vs teacher on the same prompts and seeds (rewards, CLIP score,
+    diversity) and a side-by-side grid."""
     import json
 
+    if run is not None:
+        if samples is not None:
+            fail("pass either SAMPLES.npz (digits) or --run DIR --prompts FILE (text-to-image), not both")
+        _eval_t2i(run, prompts, json_out, teacher_steps=teacher_steps, teacher_cfg=teacher_cfg, seeds=seeds,
+                  rewards=reward, clip_checkpoint=clip_checkpoint, grid=grid, device=device)
+        return
+    if samples is None:
+        fail("pass SAMPLES.npz (digits) or --run DIR --prompts FILE (a text-to-image run)")
     from dmdr.eval.report import evaluate_samples, format_table, load_samples_npz
 
     images, labels = load_samples_npz(samples)
@@ -416,6 +440,39 @@ def eval_(
     if json_out:
         json_out.write_text(json.dumps(metrics, indent=2))
         typer.echo(f"wrote {json_out}")
+
+
+def _eval_t2i(run: Path, prompts: Optional[Path], json_out: Optional[Path], **kw) -> None:
+    import json
+
+    from dmdr.data.prompts import load_prompts
+    from dmdr.eval.t2i import evaluate_t2i_run, format_t2i_table
+
+    if prompts is None:
+        fail("--run needs --prompts FILE (the evaluation prompts, .txt one per line or .jsonl)")
+    if not prompts.is_file():
+        fail(f"--prompts {prompts}: no such file")
+    grid = kw.pop("grid") or run / "eval_t2i.png"
+    res = evaluate_t2i_run(run, load_prompts(prompts), grid=grid, **kw)
+    _console().print(format_t2i_table(res))
+    typer.echo(f"wrote {res['grid']}")
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2))
+        typer.echo(f"wrote {json_out}")
+
+
+# ---- report ----------------------------------------------------------------------------------------------------------
+@app.command()
+@guarded
+def report(
+    run: Path = typer.Argument(..., help="a run directory (the --out of `dmdr train`)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default RUN/report.html)"),
+):
+    """One self-contained HTML page of a run: loss/reward/monitor curves, sample grids over time, eval tables,
+    alarms and the resolved recipe (inline SVG/JS, images as data URIs; opens with no network)."""
+    from dmdr.eval.html_report import build_report
+
+    typer.echo(f"wrote {build_report(run, out)}")
 
 
 # ---- recipes ---------------------------------------------------------------------------------------------------------

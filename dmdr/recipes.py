@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from dmdr.monitors import Monitors
+
 
 class RecipeError(UserError):
     """A recipe (file, YAML, override or field) is invalid. ``str(e)`` is a one-line message with the fix."""
@@ -67,6 +69,8 @@ class Logging(Strict):
     checkpoint_every: int = Field(100, ge=0, description="generator steps between checkpoints; 0 = only at stage ends")
     keep_last: int = Field(3, ge=1)
     progress: bool = True
+    tracker: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="also log scalars to TensorBoard or W&B (offline); metrics.jsonl stays the record")
 
 
 class LoRA(Strict):
@@ -270,6 +274,7 @@ class StudentRecipe(Seeded):
     dmd: DMD = Field(default_factory=DMD)
     optim: Optim = Field(default_factory=Optim)
     sample_classes: int = Field(10, ge=1, description="rows of the PNG sample grids")
+    monitors: Monitors = Field(default_factory=Monitors, description="reward-hacking monitors (docs/monitors.md)")
 
 
 class DMDRRecipe(StudentRecipe):

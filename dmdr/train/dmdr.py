@@ -51,6 +51,10 @@ class TrainingStopped(UserError, RuntimeError):
     A :class:`~dmdr.errors.UserError`, so the CLI prints it as one line and exits with code 2."""
 
 
+class MonitorStopped(TrainingStopped):
+    """A monitor with ``action: stop`` (or a rollback past ``max_rollbacks``) ended the run; a checkpoint was saved."""
+
+
 @dataclass
 class DMDRState:
     """Everything besides weights and optimisers that a resume needs (STYLE.md §4)."""
@@ -130,6 +134,12 @@ class DMDRTrainer:
         self._saved_inner: int | None = None   # inner step of the last save (a stop may land between gen steps)
         self._last_update = "critic"
         self._gen_tried = self._gen_ok = 0     # generator updates in this process: attempted / applied
+        from dmdr.train.monitoring import MonitorHook
+
+        self.monitor = MonitorHook.create(self)  # None unless recipe.monitors is on (docs/monitors.md)
+        from dmdr.train.trackers import make_tracker
+
+        self.tracker = make_tracker(recipe, out) if self.dist.is_main else None  # logging.tracker (optional)
 
     # ---- schedules ------------------------------------------------------------------------------------------------
     def lambda_real(self) -> float:
@@ -151,10 +161,11 @@ class DMDRTrainer:
 
     def set_stage_lrs(self) -> None:
         st, o = self.recipe.stages[self.state.stage], self.recipe.optim
+        scale = self.monitor.bank.lr_scale if self.monitor is not None else 1.0  # lowered by monitor rollbacks
         for g in self.opt_gen.param_groups:
-            g["lr"] = st.lr_gen or o.lr_gen
+            g["lr"] = (st.lr_gen or o.lr_gen) * scale
         for g in self.opt_critic.param_groups:
-            g["lr"] = st.lr_critic or o.lr_critic
+            g["lr"] = (st.lr_critic or o.lr_critic) * scale
 
     # ---- one inner iteration ---------------------------------------------------------------------------------------
     def _apply(self, loss: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
@@ -296,6 +307,7 @@ class DMDRTrainer:
                 "opt_critic": self.opt_critic.state_dict(), "rng": rng_state(),
                 "metrics_acc": {k: torch.tensor(v, dtype=torch.float64) for k, v in self._acc.items()},
                 "world_size": torch.tensor(self.dist.world_size),
+                **({"monitors": self.monitor.bank.state_dict()} if self.monitor is not None else {}),
                 **({"data": self.bundle.extra["prompt_sampler"].state_dict()}
                    if "prompt_sampler" in self.bundle.extra else {})}
 
@@ -319,6 +331,8 @@ class DMDRTrainer:
         self.state = DMDRState.from_tensors(state["trainer"])
         if "data" in state and "prompt_sampler" in self.bundle.extra:  # T2I prompt order resumes exactly
             self.bundle.extra["prompt_sampler"].load_state_dict(state["data"])
+        if self.monitor is not None and "monitors" in state:
+            self.monitor.bank.load_state_dict(state["monitors"])
         self._acc = defaultdict(list, {k: [float(x) for x in v.tolist()]
                                        for k, v in state.get("metrics_acc", {}).items()})
         ranks, saved_world = state.get("rng_ranks"), int(state.get("world_size", 1))
@@ -394,6 +408,18 @@ class DMDRTrainer:
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
+    def _monitor_step(self, k: int, log: MetricsLog) -> None:
+        """Measure the monitors when due (docs/monitors.md); a ``stop`` alarm saves a checkpoint and raises
+        :class:`MonitorStopped`. Every rank measures the same fixed set, so every rank takes the same action."""
+        if self.monitor is None or not self.monitor.due(k) or self.monitor.bank.last_step == k:
+            return
+        alarm = self.monitor.check(k, log.write, self.console)
+        if alarm is not None:
+            if self._saved_step != k:
+                self.save()
+            raise MonitorStopped(f"{alarm.message}; run stopped, checkpoint saved at step {k} in "
+                                 f"{self.out / 'checkpoints'}")
+
     def run(self, *, resume: bool = False, max_steps_per_stage: int | None = None,
             stop_at: int | None = None) -> dict[str, Any]:
         """Train all stages; returns a summary.
@@ -407,6 +433,7 @@ class DMDRTrainer:
             p = self.resume()
             self.console(f"resumed from {p} (stage {self.state.stage}, generator step {self.state.global_step})")
         log = MetricsLog(out / "metrics.jsonl", enabled=main)
+        log.tracker = self.tracker
         old_handlers = ({s_: signal.signal(s_, self._on_signal) for s_ in (signal.SIGINT, signal.SIGTERM)}
                         if threading.current_thread() is threading.main_thread() else {})
         progress = make_progress(r.logging.progress and main)
@@ -420,6 +447,7 @@ class DMDRTrainer:
         acc = self._acc
         try:
             with (progress or _Null()) as p:
+                self._monitor_step(self.state.global_step, log)  # step 0, or a resumed step not yet measured
                 while self.state.stage < len(r.stages):
                     stage = r.stages[self.state.stage]
                     steps = min(stage.steps, max_steps_per_stage) if max_steps_per_stage else stage.steps
@@ -452,9 +480,11 @@ class DMDRTrainer:
                             acc.clear()
                             if task is not None:
                                 info = " ".join(f"{n[5:]} {rec[n]:.3g}" for n in rec if n.startswith("loss_"))
+                                info += f" | {self.monitor.bank.status()}" if self.monitor is not None else ""
                                 p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
                         if main and r.logging.sample_every and k % r.logging.sample_every == 0:
                             self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
+                        self._monitor_step(k, log)  # before the checkpoint, so that it holds this measurement
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                             self.save()
                         if self.dist.any(self._stop_signal is not None or (stop_at is not None and k >= stop_at)):
@@ -471,6 +501,8 @@ class DMDRTrainer:
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
+            if self.tracker is not None:
+                self.tracker.close()
         return summary
 
     def _stopped(self, summary: dict, k: int, stop_at: int | None = None) -> dict:

@@ -450,6 +450,7 @@ class GRPOTrainer(DMDRTrainer):
         total = min(r.iterations, max_iterations) if max_iterations else r.iterations
         out.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(out / "metrics.jsonl")
+        log.tracker = self.tracker
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         progress = make_progress(r.logging.progress)
         from dmdr.train import startup
@@ -467,6 +468,7 @@ class GRPOTrainer(DMDRTrainer):
                 t_start, k0 = time.time(), self.state.global_step
                 if r.eval.every and self.state.global_step == 0:
                     self._log_eval(log)
+                self._monitor_step(self.state.global_step, log)  # step 0, or a resumed step not yet measured
                 while self.state.global_step < total:
                     for k_, v in self.iteration().items():
                         acc[k_].append(v)
@@ -483,11 +485,13 @@ class GRPOTrainer(DMDRTrainer):
                         if task is not None:
                             p.update(task, completed=k, rate=f"{rate:.2f} it/s",
                                      info=f"reward {rec.get('reward_mean', float('nan')):.3g} "
-                                          f"clip {rec.get('clip_fraction', float('nan')):.2f}")
+                                          f"clip {rec.get('clip_fraction', float('nan')):.2f}"
+                                          + (f" | {self.monitor.bank.status()}" if self.monitor is not None else ""))
                     if r.eval.every and k % r.eval.every == 0 and k < total:
                         self._log_eval(log)
                     if r.logging.sample_every and k % r.logging.sample_every == 0:
                         self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
+                    self._monitor_step(k, log)  # before the checkpoint, so that it holds this measurement
                     if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
                         self.save()
                     if self._stop_signal is not None:
@@ -507,6 +511,8 @@ class GRPOTrainer(DMDRTrainer):
         finally:
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
+            if self.tracker is not None:
+                self.tracker.close()
         return summary
 
 

@@ -148,6 +148,7 @@ class MetricsLog:
         self.path = Path(path)
         self.enabled = enabled
         self._t0 = time.time()
+        self.tracker = None  # optional mirror (dmdr.train.trackers); this file stays the source of truth
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -158,6 +159,8 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:
+            self.tracker.log(rec)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -210,12 +213,11 @@ def truncate_metrics(path: str | os.PathLike, max_step: int, warn=None) -> None:
     os.replace(tmp, path)
 
 
-def make_progress(enabled: bool):
-    """A rich Progress with stage, step, losses, it/s and ETA columns (or None when disabled)."""
+def make_progress(enabled: bool, console=None):
+    """The progress display (:class:`dmdr.train.progress.ProgressDisplay`: stage, step, it/s, ETA, then the
+    losses and monitor status on their own wrapped line; plain lines when stdout is not a terminal), or None."""
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from dmdr.train.progress import ProgressDisplay
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+    return ProgressDisplay(console)
