@@ -164,3 +164,28 @@ def test_dmd_ca_adv_reduces_to_dmd_at_unit_advantage_and_to_dm_at_zero():
     ga, = torch.autograd.grad(dmd_ca_adv_loss(x0, rc, ru, fk, adv, w)["loss_dmd"], x0)
     ca = (w - 1) * (rc - ru)
     assert torch.allclose(ga, (fk - rc - adv.reshape(B, 1, 1, 1) * ca) / norm / (B * 16), rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the honest reward
+def test_weak_classes_reward_pays_only_classifier_confidence_on_the_chosen_classes():
+    from dmdr.data.digits import load_digits_tensors, to_unit
+    from dmdr.rewards.base import available_rewards, build_reward
+    from dmdr.rewards.weak_classes import per_class_accuracy, weakest_classes
+
+    assert "digits_weak_classes" in available_rewards()
+    x, y = load_digits_tensors("holdout")
+    x, y = to_unit(x[:200]), y[:200]
+    r = build_reward("digits_weak_classes", classes=[3, 8])
+    clf = build_reward("digits_classifier", mode="prob")
+    v, p = r(x, y), clf(x, y)
+    weak = (y == 3) | (y == 8)
+    assert torch.equal(v[weak], p[weak]) and bool((v[~weak] == 0).all())
+    white = torch.ones_like(x)
+    assert float(r(white, y)[weak].mean()) < float(v[weak].mean())          # ink does not pay (unlike hackable)
+    half = build_reward("digits_weak_classes", classes=[3, 8], others_weight=0.5)(x, y)
+    assert torch.allclose(half[~weak], 0.5 * p[~weak])
+    acc = per_class_accuracy(x, y)
+    assert len(acc) == 10 and all(0.5 <= a <= 1 for a in acc)              # real digits: the eval net is accurate
+    assert weakest_classes([0.9, 0.5, 0.99, 0.5, 0.7], k=2) == [1, 3]
+    with pytest.raises(ValueError, match="non-empty"):
+        build_reward("digits_weak_classes", classes=[])
