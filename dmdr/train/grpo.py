@@ -409,7 +409,9 @@ class GRPOTrainer(DMDRTrainer):
         g = torch.Generator().manual_seed(4321)
         labels = torch.arange(n) % C
         noise = torch.randn(n, *self.bundle.sample_shape, generator=g)
-        return labels.to(self.device), noise.to(self.device)
+        N = self.recipe.generator.steps   # fixed per-step noise: a multi-step sde student samples as it was trained
+        step_noise = torch.randn(N, n, *self.bundle.sample_shape, generator=g)
+        return labels.to(self.device), noise.to(self.device), step_noise.to(self.device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -420,12 +422,13 @@ class GRPOTrainer(DMDRTrainer):
             return {}
         from dmdr.eval.report import evaluate_samples
 
-        labels, noise = self._eval_inputs()
+        labels, noise, step_noise = self._eval_inputs()
         self.bundle.generator_module.eval()
         images = []
+        mode = r.generator.backward_sim   # the student's own sampler (1-step: ode and sde are identical)
         for i in range(0, len(labels), 500):
-            # 1-step students (the GRPO recipes) sample identically in ode and sde mode
-            roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode="ode")
+            roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode=mode,
+                                    step_noise=step_noise[:, i:i + 500])
             images.append(self.bundle.decode(roll[K.SAMPLE]).float().clamp(0, 1))
         x = torch.cat(images)
         m = evaluate_samples(x.cpu(), labels.cpu())
