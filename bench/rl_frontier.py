@@ -13,7 +13,7 @@ then, for every reward and every regulariser setting, from that student::
 
 Settings: ``none``; ``kl`` β ∈ --betas; ``dmd`` / ``dmd_adv`` λ ∈ --lambdas (``dmd_ca_adv`` with --cfg > 1 when
 listed in --regularisers). Rewards: ``hackable`` (digits_hackable, ink pays) and ``weak`` (digits_weak_classes on
-the starting student's 3 weakest classes by the held-out evaluation network's per-class accuracy, recorded per
+the starting student's 3 weakest classes by the held-out evaluation network's mean true-class probability, recorded per
 seed). Every run logs per-term gradient norms, whether the clip bound, and ``nfe_total`` (dmdr.train.nfe).
 
 Per run: **reward gain** = mean of the last k evaluations of the reward on the deterministic evaluation samples minus
@@ -98,19 +98,20 @@ def start_student(args, seed: int) -> tuple[Path, list[str]]:
 
 
 def weak_classes(start: Path, k: int = 3) -> tuple[list[int], list[float]]:
-    """The starting student's k weakest classes by the held-out evaluation network (1000 fixed samples)."""
+    """The starting student's k weakest classes: lowest mean true-class probability under the held-out evaluation
+    network, on 1000 fixed samples (accuracy saturates at 1 for a good student)."""
     import torch
 
     from dmdr.data.digits import to_unit
-    from dmdr.rewards.weak_classes import per_class_accuracy, weakest_classes
+    from dmdr.rewards.weak_classes import per_class_confidence, weakest_classes
     from dmdr.sampling import load_student, sample_student
 
     model, info = load_student(start)
     labels = torch.arange(1000) % 10
     with torch.no_grad():
         x = to_unit(sample_student(model, labels, info, generator=torch.Generator().manual_seed(4321)))
-    acc = per_class_accuracy(x, labels)
-    return weakest_classes(acc, k), acc
+    conf = per_class_confidence(x, labels)
+    return weakest_classes(conf, k), conf
 
 
 def reward_overrides(reward: str, classes: list[int]) -> list[str]:
@@ -245,7 +246,7 @@ def main(argv=None) -> None:
         classes, acc = weak_classes(start)
         starts[s] = (start, classes)
         results["starts"][str(s)] = {"command": "dmdr " + " ".join(cmd[3:]), "weak_classes": classes,
-                                     "per_class_accuracy": acc}
+                                     "per_class_eval_confidence": acc}
     for rw in args.rewards:
         results["runs"][rw] = {}
         for name, over in sets.items():

@@ -177,7 +177,8 @@ def from_config(weights: Mapping[str, float], *, baseline: Literal["group", "gro
                 std: Literal["group", "global"] = "group", keys: AdvantageKeys = AdvantageKeys()) -> AdvantageFn:
     """The chain a recipe's ``rl.advantage`` section describes: mix → baseline (``std`` = group or global std for
     the ``group`` baseline) → (clip)."""
-    base = {"group": lambda: group_relative(eps=eps, std_scope=std, keys=keys), "group_mean": lambda: group_mean_baseline(keys=keys),
+    base = {"group": lambda: group_relative(eps=eps, std_scope=std, keys=keys),
+            "group_mean": lambda: group_mean_baseline(keys=keys),
             "batch": lambda: batch_relative(eps=eps, keys=keys)}
     if baseline not in base:
         raise ValueError(f"unknown advantage baseline {baseline!r}; use group, group_mean or batch")

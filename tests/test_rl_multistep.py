@@ -159,7 +159,8 @@ def test_dmd_ca_adv_reduces_to_dmd_at_unit_advantage_and_to_dm_at_zero():
     zero = dmd_ca_adv_loss(x0, rc, ru, fk, torch.zeros(B), w)["loss_dmd"]
     g0, = torch.autograd.grad(zero, x0)
     norm = (x0.detach() - real_cfg).abs().flatten(1).mean(1).reshape(B, 1, 1, 1) + 1e-8
-    assert torch.allclose(g0, (fk - rc) / norm / (B * 16), rtol=1e-5, atol=1e-9)       # DM only: ∂/∂x0 of ½ mean (..)² = g/(B·D)
+    # DM only; ∂/∂x0 of ½ mean(..)² is g / (B·D)
+    assert torch.allclose(g0, (fk - rc) / norm / (B * 16), rtol=1e-5, atol=1e-9)
     adv = torch.tensor([1.0, -1.0, 0.0, 2.0])
     ga, = torch.autograd.grad(dmd_ca_adv_loss(x0, rc, ru, fk, adv, w)["loss_dmd"], x0)
     ca = (w - 1) * (rc - ru)
@@ -170,7 +171,7 @@ def test_dmd_ca_adv_reduces_to_dmd_at_unit_advantage_and_to_dm_at_zero():
 def test_weak_classes_reward_pays_only_classifier_confidence_on_the_chosen_classes():
     from dmdr.data.digits import load_digits_tensors, to_unit
     from dmdr.rewards.base import available_rewards, build_reward
-    from dmdr.rewards.weak_classes import per_class_accuracy, weakest_classes
+    from dmdr.rewards.weak_classes import per_class_accuracy, per_class_confidence, weakest_classes
 
     assert "digits_weak_classes" in available_rewards()
     x, y = load_digits_tensors("holdout")
@@ -186,6 +187,8 @@ def test_weak_classes_reward_pays_only_classifier_confidence_on_the_chosen_class
     assert torch.allclose(half[~weak], 0.5 * p[~weak])
     acc = per_class_accuracy(x, y)
     assert len(acc) == 10 and all(0.5 <= a <= 1 for a in acc)              # real digits: the eval net is accurate
+    conf = per_class_confidence(x, y)
+    assert all(0 < c <= 1 for c in conf) and len(set(conf)) == 10          # graded: no ties to break
     assert weakest_classes([0.9, 0.5, 0.99, 0.5, 0.7], k=2) == [1, 3]
     with pytest.raises(ValueError, match="non-empty"):
         build_reward("digits_weak_classes", classes=[])

@@ -8,8 +8,8 @@ confidence on the classes where the starting student is weakest.
 evaluation: FID / precision / recall / accuracy use the separately trained *feature* network
 (``digits_features.safetensors``, another seed), so a genuine improvement shows up as a higher evaluation
 accuracy on ``classes`` without an FID collapse, whereas fooling p_clf does not. Unlike ``digits_hackable`` it pays
-nothing for ink. ``classes`` are chosen from the starting student with :func:`weakest_classes` (the study,
-``bench/rl_frontier.py``, does this per seed and records them).
+nothing for ink. ``classes`` are chosen from the starting student with :func:`weakest_classes` on
+:func:`per_class_confidence` (the study, ``bench/rl_frontier.py``, does this per seed and records them).
 
 >>> from dmdr.rewards.base import build_reward
 >>> r = build_reward("digits_weak_classes", classes=[3, 8])
@@ -67,6 +67,19 @@ def per_class_accuracy(images: Tensor, labels: Tensor, num_classes: int = 10) ->
             for c in range(num_classes)]
 
 
+@torch.no_grad()
+def per_class_confidence(images: Tensor, labels: Tensor, num_classes: int = 10) -> list[float]:
+    """Mean probability the held-out *feature* (evaluation) network gives the true class, per class. Unlike the
+    accuracy it does not saturate at 1 for a good student, so :func:`weakest_classes` has no ties to break."""
+    from dmdr.eval.report import features_and_logits
+
+    p = torch.softmax(torch.from_numpy(features_and_logits(images.float().cpu())[1]), -1)
+    labels = labels.cpu()
+    conf = p.gather(1, labels[:, None].long()).squeeze(1)
+    return [float(conf[labels == c].mean()) if bool((labels == c).any()) else float("nan")
+            for c in range(num_classes)]
+
+
 @register_reward("digits_weak_classes")
 def build_digits_weak_classes(classes: Sequence[int] = (), others_weight: float = 0.0, checkpoint: str | None = None,
                               device: str | torch.device = "cpu") -> Reward:
@@ -74,4 +87,4 @@ def build_digits_weak_classes(classes: Sequence[int] = (), others_weight: float 
     return DigitsWeakClassesReward(classes, others_weight=others_weight, checkpoint=checkpoint, device=device)
 
 
-__all__ = ["DigitsWeakClassesReward", "per_class_accuracy", "weakest_classes"]
+__all__ = ["DigitsWeakClassesReward", "per_class_accuracy", "per_class_confidence", "weakest_classes"]
