@@ -98,3 +98,21 @@ def test_dmd_adv_weights_the_dmd_term_by_the_advantage(teacher, tmp_path, monkey
 def test_four_step_flow_grpo_policy_trains(teacher, tmp_path):
     m = _run(teacher, tmp_path, "generator.steps=4", "rl.sde=flow_grpo", "rl.regularizer=kl")[-1]
     assert m["ppo_updates"] == 2 * 2 * (8 * 4 // 4) and abs(m["mean_ratio"] - 1) < 0.1
+
+
+@pytest.mark.slow
+def test_flow_grpo_on_an_eps_model_is_a_one_line_error(tmp_path):
+    """SDXL predicts ε: a multi-step flow_grpo policy is refused with one line and exit 2 (dmd2 is the way)."""
+    import subprocess
+    import sys
+
+    t = "[to_q, to_k, to_v, to_out.0]"
+    cmd = [sys.executable, "-m", "dmdr", "train", str(recipes_dir() / "sd3-medium-grpo.yaml"), "--smoke", "--out",
+           str(tmp_path / "run"), "--set", "logging.progress=false", "--set", "model.family=sdxl", "--set",
+           "model.config=sdxl-base", "--set", "model.t_min=0.0", "--set", f"generator.lora.targets={t}", "--set",
+           f"critic.lora.targets={t}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "rl.sde=dmd2" in err[0] and "Traceback" not in p.stderr

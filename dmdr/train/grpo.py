@@ -13,8 +13,14 @@ One iteration (docs/rl.md gives the equations):
    ``rl.ppo_epochs`` passes of minibatches through ``ClipPPOLoss(actor, critic_network=None, critic_coeff=None)``
    (critic-free = GRPO) plus the regulariser: ``reg_weight · L_DMD`` on the minibatch's states, or
    ``kl_weight · KL(π_θ ‖ π_ref)`` to the frozen initial student, or nothing. One optimiser step per minibatch;
-5. **critic** (``regularizer: dmd``) — before every generator step, ``optim.ratio`` fake-score updates, each on a
-   fresh backward simulation of the current student: exactly the DMDR critic step (two time-scale rule).
+5. **critic** (``regularizer: dmd | dmd_adv | dmd_ca_adv``) — before every generator step, ``rl.critic_updates``
+   (default ``optim.ratio``) fake-score updates, each on a fresh backward simulation of the current student (the
+   DMDR critic step, two time-scale rule) or, with ``rl.critic_reuse_rollout``, on the iteration's rollout samples.
+
+The policy's non-final steps are ``rl.sde``: ``dmd2`` renoising or Flow-GRPO's SDE (``flow_grpo``); see
+:func:`dmdr.samplers.flow_grpo_sde`. Per generator step the trainer logs each loss term's own gradient norm before
+clipping (``grad_norm_<term>``) and whether the clip bound (``grad_clip_bound``); per iteration the network
+evaluations (``nfe_forward``, ``nfe_backward``, ``nfe_total``; :mod:`dmdr.train.nfe`).
 
 ``metrics.jsonl`` gets per-reward values, ``reward_mean``, the PPO diagnostics (``clip_fraction``, ``kl_approx``,
 ``ESS``, ``max_ratio``), the regulariser terms and the per-iteration cost (``time_rollout``, ``time_reward``,
@@ -120,6 +126,9 @@ class GRPOTrainer(DMDRTrainer):
         self.actor = make_student_actor(b.generator, b.generator_module, final_std=rl.final_std,
                                         noise_scale=rl.noise_scale, log_prob_reduce=rl.log_prob_reduce, sde=rl.sde)
         self.uses_dmd = rl.regularizer in ("dmd", "dmd_adv", "dmd_ca_adv")
+        if rl.sde == "flow_grpo" and recipe.generator.steps > 1 and getattr(b.path, "prediction", None) != "velocity":
+            raise UserError("rl.sde=flow_grpo is Flow-GRPO's SDE for flow-matching models; this model predicts "
+                            f"{getattr(b.path, 'prediction', '?')}: use --set rl.sde=dmd2")
         if rl.regularizer == "dmd_ca_adv" and recipe.dmd.cfg <= 1.0:
             raise UserError("rl.regularizer=dmd_ca_adv multiplies the CFG-augmentation term by the advantage, which "
                             "is zero at dmd.cfg = 1; set dmd.cfg > 1 (e.g. --set dmd.cfg=2.0)")
