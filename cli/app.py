@@ -121,6 +121,8 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
         if r.task == "dmdr":
             smoke_over += [f"stages.{i}.batch_size=8" for i in range(len(r.stages))]
             smoke_over += ["model.smoke=true"] if r.model.family != "tiny" else []
+        if r.task == "grpo" and r.model.family != "tiny":   # T2I GRPO: the same offline stand-ins
+            smoke_over += ["model.smoke=true"]
         r = load_recipe(path, smoke_over)
     if resume and out is None:
         fail("--resume needs --out DIR (the run to continue)")

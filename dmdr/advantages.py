@@ -104,14 +104,24 @@ def mix_rewards(weights: Mapping[str, float], *, normalize: Normalize = "batch",
     return fn
 
 
-def group_relative(*, std: bool = True, eps: float = 1e-6, keys: AdvantageKeys = AdvantageKeys()) -> AdvantageFn:
-    """GRPO's group-relative advantage ``(r - mean_g) / (std_g + eps)`` (``std=False``: ``r - mean_g``).
-    Reads ``reward`` (B,) and ``group`` (B,); writes ``advantage`` (B, 1)."""
+def group_relative(*, std: bool = True, eps: float = 1e-6, std_scope: Literal["group", "global"] = "group",
+                   keys: AdvantageKeys = AdvantageKeys()) -> AdvantageFn:
+    """GRPO's group-relative advantage ``(r - mean_g) / (std_g + eps)`` (``std=False``: ``r - mean_g``);
+    ``std_scope="global"``: ``(r - mean_g) / (std_batch + eps)`` (Flow-GRPO's ``global_std``), which does not blow a
+    near-constant group up to ±1. Reads ``reward`` (B,) and ``group`` (B,); writes ``advantage`` (B, 1).
+
+    Bound: with the group std (population), ``|A| <= sqrt(G - 1)`` for a group of G (equality when one sample
+    differs from the G - 1 others), e.g. 2.65 for G = 8, so ``clip_advantage(c)`` with ``c >= sqrt(G - 1)`` never
+    binds. With eps, ``|A| < sqrt(G - 1)`` strictly; a constant group gives 0."""
+    if std_scope not in ("group", "global"):
+        raise ValueError(f"unknown std_scope {std_scope!r}; use group or global")
 
     def fn(td: TensorDictBase) -> TensorDictBase:
         r = _vector(td, keys.reward, "group_relative", "reward").float()
         g = _vector(td, keys.group, "group_relative", "group")
         mean, sd = group_stats(r, g)
+        if std_scope == "global":
+            sd = r.std(unbiased=False).expand_as(r)
         adv = (r - mean) / (sd + eps) if std else r - mean
         out = td.copy()
         out.set(keys.advantage, adv.unsqueeze(-1))
@@ -164,9 +174,11 @@ def chain(*fns: AdvantageFn) -> AdvantageFn:
 
 def from_config(weights: Mapping[str, float], *, baseline: Literal["group", "group_mean", "batch"] = "group",
                 normalize_rewards: Normalize = "batch", clip: float | None = None, eps: float = 1e-6,
-                keys: AdvantageKeys = AdvantageKeys()) -> AdvantageFn:
-    """The chain a recipe's ``rl.advantage`` section describes: mix → baseline → (clip)."""
-    base = {"group": lambda: group_relative(eps=eps, keys=keys), "group_mean": lambda: group_mean_baseline(keys=keys),
+                std: Literal["group", "global"] = "group", keys: AdvantageKeys = AdvantageKeys()) -> AdvantageFn:
+    """The chain a recipe's ``rl.advantage`` section describes: mix → baseline (``std`` = group or global std for
+    the ``group`` baseline) → (clip)."""
+    base = {"group": lambda: group_relative(eps=eps, std_scope=std, keys=keys),
+            "group_mean": lambda: group_mean_baseline(keys=keys),
             "batch": lambda: batch_relative(eps=eps, keys=keys)}
     if baseline not in base:
         raise ValueError(f"unknown advantage baseline {baseline!r}; use group, group_mean or batch")

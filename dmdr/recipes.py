@@ -304,8 +304,12 @@ class AdvantageConfig(Strict):
         "group", description="group: (r-mean_g)/(std_g+eps) (GRPO); group_mean: r-mean_g; batch: batch z-score")
     normalize_rewards: Literal["none", "batch", "group"] = Field(
         "batch", description="per-reward normalisation before the weighted mix of several rewards")
-    clip: float | None = Field(5.0, gt=0, description="clamp |advantage| (None: no clipping)")
-    eps: float = Field(1e-6, gt=0)
+    clip: float | None = Field(5.0, gt=0, description="clamp |advantage| (None: no clipping; with baseline group "
+                               "and std group, |A| <= sqrt(G-1), so a clip >= sqrt(G-1) never binds)")
+    eps: float = Field(1e-4, gt=0, description="added to the std (Flow-GRPO: 1e-4)")
+    std: Literal["group", "global"] = Field(
+        "group", description="baseline group: divide by the group's std, or by the whole batch's (Flow-GRPO's "
+                             "global_std option)")
 
 
 class RL(Strict):
@@ -320,7 +324,15 @@ class RL(Strict):
     final_std: float = Field(0.1, gt=0, description="exploration std of the last step (pixels in [-1,1])")
     noise_scale: float = Field(1.0, gt=0, description="multiplies the sde std t_{i+1} of non-final steps")
     advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
-    regularizer: Literal["dmd", "kl", "none"] = "dmd"
+    sde: Literal["dmd2", "flow_grpo"] = Field(
+        "dmd2", description="form of the non-final stochastic steps: dmd2 renoise, or Flow-GRPO's SDE (docs/rl.md)")
+    regularizer: Literal["dmd", "dmd_adv", "dmd_ca_adv", "kl", "none"] = Field(
+        "dmd", description="dmd; dmd_adv: DMD weighted per sample by B·softmax(A/T); dmd_ca_adv: DM term + A × "
+                           "CFG-augmentation term (needs dmd.cfg > 1); kl; none")
+    critic_updates: int | None = Field(
+        None, ge=0, description="critic updates per policy update for the dmd regularisers (null: optim.ratio)")
+    critic_reuse_rollout: bool = Field(
+        False, description="train the critic on the rollout's final samples instead of a fresh backward simulation")
     reg_weight: float = Field(1.0, ge=0, description="weight of the DMD term (regularizer: dmd)")
     kl_weight: float = Field(0.01, ge=0, description="weight of KL(π_θ‖π_ref) (regularizer: kl)")
     advantage_weighted_dmd: bool = Field(False, description="weight the DMD term per sample by B·softmax(A/T)")
@@ -343,7 +355,7 @@ class RL(Strict):
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rl.rewards names must be unique (each is logged as reward_<name>), got {names}")
-        if self.advantage_weighted_dmd and self.regularizer != "dmd":
+        if self.advantage_weighted_dmd and self.regularizer not in ("dmd", "dmd_adv"):
             raise ValueError("rl.advantage_weighted_dmd needs rl.regularizer: dmd")
         return self
 

@@ -117,18 +117,56 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float, reduce: Lite
     return lp.sum(1) if reduce == "sum" else lp.mean(1)
 
 
-def transition_mean_std(model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond: Any, *,
-                        last: bool, final_std: float, noise_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """One stochastic step's Gaussian: ``mean = renoise(x̂0, t', 0)``, ``std = noise_scale · renoise(0, t', 1)``.
+def flow_grpo_sde(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor, noise_level: float) -> tuple[Tensor, Tensor]:
+    """One step of Flow-GRPO's reverse-time SDE (Liu et al. 2025, arXiv 2505.05470, Eq. 9 and its discretisation,
+    ``sde_step_with_logprob`` in the official code), for flow matching ``x_t = (1 - t) x0 + t ε``, ``v = ε - x0``:
 
-    For flow matching: ``x_{i+1} ~ N((1 - t_{i+1}) x̂0(x_i), t_{i+1}² I)`` (the DMD2-style sde step). The last
-    step (t_N = t_min) would be deterministic; it gets exploration noise ``N(x̂0, final_std² I)`` instead, which
-    makes 1-step students stochastic. Returns (mean (B,...), std (B,), x̂0 (B,...)).
+        x_{t'} = x_t + [v + σ_t²/(2t) (x_t + (1 - t) v)] Δt + σ_t √(-Δt) ξ,   Δt = t' - t < 0,  ξ ~ N(0, I)
+        σ_t = a √(t / (1 - t))   (t = 1 is replaced by t' in the denominator, as the official code does with
+                                  ``sigma_max = sigmas[1]``)
+
+    i.e. ``mean = x (1 + σ_t² Δt / (2t)) + v (1 + σ_t² (1 - t) / (2t)) Δt``, ``std = σ_t √(-Δt)``. ``a`` =
+    ``noise_level`` (Flow-GRPO's default 0.7); ``a → 0`` gives the Euler (ODE) step. Shapes: x, v (B,...),
+    t, t_next (B,). Returns (mean (B,...), std (B,)).
+    """
+    t64, tn = t.to(x.dtype), t_next.to(x.dtype)
+    denom_t = torch.where(t64 >= 1, tn, t64)
+    sigma = noise_level * torch.sqrt(t64 / (1 - denom_t))
+    dt = tn - t64
+    b = (-1,) + (1,) * (x.ndim - 1)
+    s2, tb, dtb = (sigma**2).reshape(b), t64.reshape(b), dt.reshape(b)
+    mean = x * (1 + s2 / (2 * tb) * dtb) + v * (1 + s2 * (1 - tb) / (2 * tb)) * dtb
+    return mean, sigma * torch.sqrt(-dt)
+
+
+SDE_FORMS = ("dmd2", "flow_grpo")
+
+
+def transition_mean_std(model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond: Any, *,
+                        last: bool, final_std: float, noise_scale: float = 1.0,
+                        sde: Literal["dmd2", "flow_grpo"] = "dmd2") -> tuple[Tensor, Tensor, Tensor]:
+    """One stochastic step's Gaussian ``N(mean, std² I)`` (non-final steps), in one of two forms:
+
+    * ``dmd2``: ``mean = renoise(x̂0, t', 0)``, ``std = noise_scale · renoise(0, t', 1)``; for flow matching
+      ``x_{i+1} ~ N((1 - t_{i+1}) x̂0(x_i), t_{i+1}² I)`` (the DMD2-style sde step);
+    * ``flow_grpo``: Flow-GRPO's SDE step (:func:`flow_grpo_sde`, Eq. 9 of arXiv 2505.05470) with
+      ``a = noise_scale``; flow-matching paths only.
+
+    The last step (t_N = t_min) would be deterministic; it gets exploration noise ``N(x̂0, final_std² I)`` instead,
+    which makes 1-step students stochastic (both forms). Returns (mean (B,...), std (B,), x̂0 (B,...)).
     """
     path = model.path
-    x0 = path.to_x0(x, t, model(x, t, cond))
+    pred = model(x, t, cond)
+    x0 = path.to_x0(x, t, pred)
     if last:
         return x0, torch.full_like(t, final_std), x0
+    if sde == "flow_grpo":
+        if getattr(path, "prediction", None) != "velocity":
+            raise ValueError("sde='flow_grpo' needs a flow-matching (velocity) path; use sde='dmd2' for ε-models")
+        mean, std = flow_grpo_sde(x, pred, t, t_next, noise_scale)
+        return mean, std.to(x0.dtype), x0
+    if sde != "dmd2":
+        raise ValueError(f"unknown sde form {sde!r}; use one of {SDE_FORMS}")
     mean = path.renoise(x0, t_next, torch.zeros_like(x0))
     one = torch.ones(x0.shape[0], 1, dtype=x0.dtype, device=x0.device)
     std = path.renoise(torch.zeros_like(one), t_next, one)[:, 0] * noise_scale
@@ -137,11 +175,12 @@ def transition_mean_std(model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, c
 
 def stochastic_rollout(model: Denoiser, noise: Tensor, timesteps: Tensor, cond: Any, *, final_std: float = 0.05,
                        noise_scale: float = 1.0, reduce: Literal["mean", "sum"] = "mean",
-                       callback: Callback | None = None) -> TensorDict:
+                       sde: Literal["dmd2", "flow_grpo"] = "dmd2", callback: Callback | None = None) -> TensorDict:
     """The sde rollout as a policy: each transition is a Gaussian action with a logged log-probability.
 
     ``x_{i+1} = mean_i + std_i ξ_i`` (:func:`transition_mean_std`), ``log_prob_i = log N(x_{i+1}; mean_i, std_i²)``
-    reduced by ``reduce`` (:func:`gaussian_log_prob`). Runs without gradients (it collects data).
+    reduced by ``reduce`` (:func:`gaussian_log_prob`); ``sde`` picks the step's form (``dmd2`` or Flow-GRPO's
+    ``flow_grpo``, exploration noise at every step). Runs without gradients (it collects data).
 
     Returns:
         TensorDict(batch B): ``x_per_step`` (B,N,C,H,W) states x_i, ``action`` (B,N,C,H,W) the sampled x_{i+1},
@@ -156,7 +195,7 @@ def stochastic_rollout(model: Denoiser, noise: Tensor, timesteps: Tensor, cond: 
         for i in range(n):
             t, t_next = _t(timesteps[i], B, x), _t(timesteps[i + 1], B, x)
             mean, std, x0 = transition_mean_std(model, x, t, t_next, cond, last=i == n - 1, final_std=final_std,
-                                                noise_scale=noise_scale)
+                                                noise_scale=noise_scale, sde=sde)
             x_next = mean + std.reshape(-1, *([1] * (x.ndim - 1))) * torch.randn_like(mean)
             xs.append(x)
             acts.append(x_next)
@@ -175,11 +214,11 @@ def stochastic_rollout(model: Denoiser, noise: Tensor, timesteps: Tensor, cond: 
 
 def transition_log_prob(model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, x_next: Tensor, cond: Any, *,
                         last: bool, final_std: float, noise_scale: float = 1.0,
-                        reduce: Literal["mean", "sum"] = "mean") -> Tensor:
+                        reduce: Literal["mean", "sum"] = "mean", sde: Literal["dmd2", "flow_grpo"] = "dmd2") -> Tensor:
     """Recompute ``log π(x_next | x, t)`` under the current ``model`` (with gradients), shape (B,).
 
     On-policy (same weights as the rollout) this equals the logged ``log_prob`` exactly, so the PPO ratio is 1.
     """
     mean, std, _ = transition_mean_std(model, x, t, t_next, cond, last=last, final_std=final_std,
-                                       noise_scale=noise_scale)
+                                       noise_scale=noise_scale, sde=sde)
     return gaussian_log_prob(x_next, mean, std, reduce)

@@ -46,6 +46,7 @@ from torchrl.modules import IndependentNormal, ProbabilisticActor
 
 from dmdr import keys as K
 from dmdr.losses.dmd import DMDKeys, dmd_gradient
+from dmdr.samplers import flow_grpo_sde
 
 Reduce = Literal["mean", "sum"]
 
@@ -94,8 +95,12 @@ class StudentStep(nn.Module):
     can mix steps. ``scale`` is (T,1,1,1) and broadcasts against ``loc``.
     """
 
-    def __init__(self, model: Any, owner: nn.Module | None = None, *, final_std: float, noise_scale: float = 1.0):
+    def __init__(self, model: Any, owner: nn.Module | None = None, *, final_std: float, noise_scale: float = 1.0,
+                 sde: str = "dmd2"):
         super().__init__()
+        if sde not in ("dmd2", "flow_grpo"):
+            raise ValueError(f"unknown sde form {sde!r}; use dmd2 or flow_grpo")
+        self.sde = sde
         if final_std <= 0:
             raise ValueError("final_std must be > 0 so that every transition has a density")
         self.owner = owner if owner is not None else model
@@ -109,18 +114,25 @@ class StudentStep(nn.Module):
     def forward(self, x: Tensor, t: Tensor, t_next: Tensor, last: Tensor, cond: Any) -> tuple[Tensor, Tensor]:
         model = self.model
         path = model.path
-        x0 = path.to_x0(x, t, model(x, t, cond))
-        mid = path.renoise(x0, t_next, torch.zeros_like(x0))
-        one = torch.ones(x.shape[0], 1, dtype=x0.dtype, device=x0.device)
-        std_mid = path.renoise(torch.zeros_like(one), t_next, one)[:, 0] * self.noise_scale
+        pred = model(x, t, cond)
+        x0 = path.to_x0(x, t, pred)
         last = last.reshape(-1).bool()
+        if self.sde == "flow_grpo":   # Flow-GRPO's SDE step (dmdr.samplers.flow_grpo_sde); t_next of a last step
+            safe_next = torch.where(last, t * 0.5, t_next)   # is unused there; keep its √(-Δt) finite
+            mid, std_mid = flow_grpo_sde(x, pred, t, safe_next, self.noise_scale)
+            std_mid = std_mid.to(x0.dtype)
+        else:
+            mid = path.renoise(x0, t_next, torch.zeros_like(x0))
+            one = torch.ones(x.shape[0], 1, dtype=x0.dtype, device=x0.device)
+            std_mid = path.renoise(torch.zeros_like(one), t_next, one)[:, 0] * self.noise_scale
         loc = torch.where(last.reshape(-1, *([1] * (x0.ndim - 1))), x0, mid)
         std = torch.where(last, torch.full_like(std_mid, self.final_std), std_mid)
         return loc, std.reshape(-1, *([1] * (x0.ndim - 1)))
 
 
 def make_student_actor(model: Any, owner: nn.Module | None = None, *, final_std: float, noise_scale: float = 1.0,
-                       log_prob_reduce: Reduce = "mean", keys: PolicyKeys = PolicyKeys()) -> ProbabilisticActor:
+                       log_prob_reduce: Reduce = "mean", sde: str = "dmd2",
+                       keys: PolicyKeys = PolicyKeys()) -> ProbabilisticActor:
     """The student as a torchrl ``ProbabilisticActor``: ``IndependentNormal(event_dim=3)`` (``sum``) or
     :class:`MeanIndependentNormal` (``mean``). Reads ``x, t, t_next, last, cond``; writes ``loc, scale`` and,
     when called, ``action`` and ``action_log_prob`` (T,).
@@ -131,7 +143,7 @@ def make_student_actor(model: Any, owner: nn.Module | None = None, *, final_std:
     """
     if log_prob_reduce not in DISTRIBUTIONS:
         raise ValueError(f"log_prob_reduce must be 'mean' or 'sum', got {log_prob_reduce!r}")
-    step = StudentStep(model, owner, final_std=final_std, noise_scale=noise_scale)
+    step = StudentStep(model, owner, final_std=final_std, noise_scale=noise_scale, sde=sde)
     module = TensorDictModule(step, in_keys=[keys.x, keys.t, keys.t_next, keys.last, keys.cond],
                               out_keys=[keys.loc, keys.scale])
     return ProbabilisticActor(module, in_keys=[keys.loc, keys.scale], out_keys=[keys.action],

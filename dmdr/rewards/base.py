@@ -90,7 +90,8 @@ def _load_builtin() -> None:
     import importlib
 
     for mod in ("dmdr.rewards.digits", "dmdr.rewards.imagereward", "dmdr.rewards.clip", "dmdr.rewards.pickscore",
-                "dmdr.rewards.srpo", "dmdr.rewards.plugin", "dmdr.rewards.hackable"):
+                "dmdr.rewards.srpo", "dmdr.rewards.plugin", "dmdr.rewards.hackable",
+                "dmdr.rewards.weak_classes"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # a reward file not written (yet) must not break the others

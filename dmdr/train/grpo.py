@@ -13,8 +13,14 @@ One iteration (docs/rl.md gives the equations):
    ``rl.ppo_epochs`` passes of minibatches through ``ClipPPOLoss(actor, critic_network=None, critic_coeff=None)``
    (critic-free = GRPO) plus the regulariser: ``reg_weight · L_DMD`` on the minibatch's states, or
    ``kl_weight · KL(π_θ ‖ π_ref)`` to the frozen initial student, or nothing. One optimiser step per minibatch;
-5. **critic** (``regularizer: dmd``) — before every generator step, ``optim.ratio`` fake-score updates, each on a
-   fresh backward simulation of the current student: exactly the DMDR critic step (two time-scale rule).
+5. **critic** (``regularizer: dmd | dmd_adv | dmd_ca_adv``) — before every generator step, ``rl.critic_updates``
+   (default ``optim.ratio``) fake-score updates, each on a fresh backward simulation of the current student (the
+   DMDR critic step, two time-scale rule) or, with ``rl.critic_reuse_rollout``, on the iteration's rollout samples.
+
+The policy's non-final steps are ``rl.sde``: ``dmd2`` renoising or Flow-GRPO's SDE (``flow_grpo``); see
+:func:`dmdr.samplers.flow_grpo_sde`. Per generator step the trainer logs each loss term's own gradient norm before
+clipping (``grad_norm_<term>``) and whether the clip bound (``grad_clip_bound``); per iteration the network
+evaluations (``nfe_forward``, ``nfe_backward``, ``nfe_total``; :mod:`dmdr.train.nfe`).
 
 ``metrics.jsonl`` gets per-reward values, ``reward_mean``, the PPO diagnostics (``clip_fraction``, ``kl_approx``,
 ``ESS``, ``max_ratio``), the regulariser terms and the per-iteration cost (``time_rollout``, ``time_reward``,
@@ -118,7 +124,14 @@ class GRPOTrainer(DMDRTrainer):
         self.init_source = self._load_init()
         rl, b = recipe.rl, self.bundle
         self.actor = make_student_actor(b.generator, b.generator_module, final_std=rl.final_std,
-                                        noise_scale=rl.noise_scale, log_prob_reduce=rl.log_prob_reduce)
+                                        noise_scale=rl.noise_scale, log_prob_reduce=rl.log_prob_reduce, sde=rl.sde)
+        self.uses_dmd = rl.regularizer in ("dmd", "dmd_adv", "dmd_ca_adv")
+        if rl.sde == "flow_grpo" and recipe.generator.steps > 1 and getattr(b.path, "prediction", None) != "velocity":
+            raise UserError("rl.sde=flow_grpo is Flow-GRPO's SDE for flow-matching models; this model predicts "
+                            f"{getattr(b.path, 'prediction', '?')}: use --set rl.sde=dmd2")
+        if rl.regularizer == "dmd_ca_adv" and recipe.dmd.cfg <= 1.0:
+            raise UserError("rl.regularizer=dmd_ca_adv multiplies the CFG-augmentation term by the advantage, which "
+                            "is zero at dmd.cfg = 1; set dmd.cfg > 1 (e.g. --set dmd.cfg=2.0)")
         self.step_module: StudentStep = self.actor.module[0].module
         self.reference: StudentStep | None = None
         if rl.regularizer == "kl":
@@ -130,10 +143,11 @@ class GRPOTrainer(DMDRTrainer):
                 else:  # a trained LoRA student (rl.init): a frozen copy of its adapter
                     copy_adapter(b.base, "generator", "reference")
                     model = AdapterView(b.base, "reference", 1.0)
-                self.reference = StudentStep(model, b.base, final_std=rl.final_std, noise_scale=rl.noise_scale)
+                self.reference = StudentStep(model, b.base, final_std=rl.final_std, noise_scale=rl.noise_scale,
+                                             sde=rl.sde)
             else:
                 ref = copy.deepcopy(b.generator_module).requires_grad_(False).eval()
-                self.reference = StudentStep(ref, ref, final_std=rl.final_std, noise_scale=rl.noise_scale)
+                self.reference = StudentStep(ref, ref, final_std=rl.final_std, noise_scale=rl.noise_scale, sde=rl.sde)
         from torchrl.data import LazyTensorStorage, ReplayBuffer
         from torchrl.data.replay_buffers import SamplerWithoutReplacement
         from torchrl.objectives import ClipPPOLoss
@@ -145,8 +159,12 @@ class GRPOTrainer(DMDRTrainer):
                                    sampler=SamplerWithoutReplacement(drop_last=True), batch_size=rl.minibatch_size)
         a = rl.advantage
         self.advantage_fn = from_config({t.name: t.weight for t in rl.rewards}, baseline=a.baseline,
-                                        normalize_rewards=a.normalize_rewards, clip=a.clip, eps=a.eps)
+                                        normalize_rewards=a.normalize_rewards, clip=a.clip, eps=a.eps, std=a.std)
         self._shape_checked = False
+        from dmdr.train.nfe import NFECounter
+
+        ref_net = self.reference.owner if self.reference is not None and not b.generator_is_lora else None
+        self.nfe = NFECounter([b.base, None if b.generator_is_lora else b.generator_module, ref_net])
 
     # ---- initial weights ------------------------------------------------------------------------------------------
     def _load_init(self) -> str:
@@ -211,9 +229,13 @@ class GRPOTrainer(DMDRTrainer):
             out.set(K.reward_key(term.name), check_reward(term.name, value, B))
         return out
 
-    def critic_step(self) -> dict[str, float]:
-        """One DMDR critic update (method.md §2.2-2.3) on a fresh backward simulation of the current student:
-        :meth:`DMDRTrainer.backward_simulation` then :meth:`DMDRTrainer.critic_update`."""
+    def critic_step(self, reuse: tuple[torch.Tensor, Any] | None = None) -> dict[str, float]:
+        """One DMDR critic update (method.md §2.2-2.3) on a fresh backward simulation of the current student
+        (:meth:`DMDRTrainer.backward_simulation` then :meth:`DMDRTrainer.critic_update`), or, with ``reuse =
+        (x_clean, cond)`` (``rl.critic_reuse_rollout``), on the iteration's rollout samples: no extra rollout."""
+        if reuse is not None:
+            self.bundle.generator_module.train()
+            return self.critic_update(*reuse)
         B = self.recipe.rl.batch_size
         cond, _, _ = self.bundle.sample_cond(B)
         x_clean, _ = self.backward_simulation(B, cond)
@@ -228,10 +250,30 @@ class GRPOTrainer(DMDRTrainer):
         w = sample_cfg_scale(r.dmd.cfg, r.dmd.cfg_jitter)
         with autocast(self.device, r.runtime.precision):
             x0_pred = b.path.to_x0(x, t, b.generator(x, t, cond)).float()
+        if rl.regularizer == "dmd_ca_adv":
+            return self.dmd_ca_adv_term(x0_pred, cond, mb[PK.advantage], w)
         td = self.distribution_matching(x0_pred, cond, b.base.null_cond(cond), cfg_scale=w,
                                         tau=self.sample_tau(x.shape[0]))
-        weights = advantage_weights(mb[PK.advantage], rl.adw_temperature) if rl.advantage_weighted_dmd else None
+        adw = rl.advantage_weighted_dmd or rl.regularizer == "dmd_adv"
+        weights = advantage_weights(mb[PK.advantage], rl.adw_temperature) if adw else None
         return weighted_dmd_loss(td, weights, weight=rl.reg_weight)
+
+    def dmd_ca_adv_term(self, x0_pred: torch.Tensor, cond: Any, advantage: torch.Tensor, w: float) -> TensorDict:
+        """``rl.regularizer: dmd_ca_adv`` (:mod:`dmdr.losses.dmd_ca_adv`): real x̂0 conditional and unconditional
+        and fake x̂0 at one renoise level τ ~ DynaRS(k) (DMDR's coupled form), then DM + A × CA."""
+        from dmdr.losses.dmd_ca_adv import dmd_ca_adv_loss
+        from dmdr.scores import denoise
+
+        r, b = self.recipe, self.bundle
+        real = AdapterView(b.base, "critic", self.lambda_real())
+        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+        tau = self.sample_tau(x0_pred.shape[0])
+        with torch.no_grad(), autocast(self.device, r.runtime.precision):
+            x_tau = b.path.renoise(x0_pred.detach(), tau, torch.randn_like(x0_pred))
+            real_c = denoise(real, x_tau, tau, cond).float()
+            real_u = denoise(real, x_tau, tau, b.base.null_cond(cond)).float()
+            fake_x0 = denoise(fake, x_tau, tau, cond).float()
+        return dmd_ca_adv_loss(x0_pred, real_c, real_u, fake_x0, advantage, w, weight=r.rl.reg_weight)
 
     def kl_term(self, mb: TensorDictBase) -> TensorDict:
         """KL(π_θ ‖ π_ref) on a minibatch (:func:`dmdr.losses.policy.kl_to_reference`)."""
@@ -246,8 +288,10 @@ class GRPOTrainer(DMDRTrainer):
     def _step(self, parts: list[tuple[str, str, torch.Tensor]], timers: dict[str, float],
               diag: dict[str, float]) -> tuple[bool, float]:
         """One generator step on the sum of ``parts`` = [(timer key, name, loss)]. Each part's backward is timed
-        into ``timers[timer key]``; with several parts, each part's own gradient norm goes to
-        ``diag["grad_norm_<name>"]`` (how strong the regulariser pulls compared with the policy gradient)."""
+        into ``timers[timer key]``; each part's own gradient norm (before clipping) goes to
+        ``diag["grad_norm_<name>"]`` (how strong the regulariser pulls compared with the policy gradient), and
+        ``diag["grad_clip_bound"]`` is 1 when the total norm exceeded ``optim.grad_clip`` (the clip scaled the step
+        down), else 0."""
         opt, params = self.opt_gen, self.bundle.generator_params
         self._last_update = "gen"   # which non-finite streak _count() extends
         opt.zero_grad(set_to_none=True)
@@ -258,14 +302,16 @@ class GRPOTrainer(DMDRTrainer):
             t0 = time.perf_counter()
             loss.backward()
             timers[timer] += time.perf_counter() - t0
-            if len(parts) > 1:
-                with torch.no_grad():
-                    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                                      for p in params])
-                    diag[f"grad_norm_{name}"] = float((flat if prev is None else flat - prev).norm())
-                    prev = flat
+            with torch.no_grad():   # per-term norms, for every regulariser (also a lone policy term)
+                flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                                  for p in params])
+                diag[f"grad_norm_{name}"] = float((flat if prev is None else flat - prev).norm())
+                prev = flat
         self.opt_critic.zero_grad(set_to_none=True)
-        return self._clip_and_step(params, opt)
+        ok, gn = self._clip_and_step(params, opt)
+        if ok:
+            diag["grad_clip_bound"] = float(gn > self.recipe.optim.grad_clip)
+        return ok, gn
 
     # ---- one iteration ----------------------------------------------------------------------------------------------
     def iteration(self) -> dict[str, float]:
@@ -275,6 +321,7 @@ class GRPOTrainer(DMDRTrainer):
         B, dev = rl.batch_size, self.device
         timers: dict[str, float] = defaultdict(float)
         out: dict[str, float] = {}
+        self.nfe.reset()
         # 1. rollout
         t0 = time.perf_counter()
         cond, uncond, rcond, group = self.sample_groups()
@@ -282,7 +329,7 @@ class GRPOTrainer(DMDRTrainer):
         b.generator_module.eval()
         with autocast(dev, r.runtime.precision):
             roll = stochastic_rollout(b.generator, noise, self.grid, cond, final_std=rl.final_std,
-                                      noise_scale=rl.noise_scale, reduce=rl.log_prob_reduce)
+                                      noise_scale=rl.noise_scale, reduce=rl.log_prob_reduce, sde=rl.sde)
         roll = roll.apply(lambda v: v.float() if v.is_floating_point() else v)
         timers["time_rollout"] = time.perf_counter() - t0
         # 2. rewards (black box) and NaN handling
@@ -329,12 +376,14 @@ class GRPOTrainer(DMDRTrainer):
         minibatches = (lambda: iter(self.buffer)) if len(trans) >= rl.minibatch_size else (lambda: iter([trans]))
         b.generator_module.train()
         acc: dict[str, list[float]] = defaultdict(list)
+        n_critic = r.optim.ratio if rl.critic_updates is None else rl.critic_updates
+        reuse = (roll_k[K.SAMPLE].detach(), cond_k) if rl.critic_reuse_rollout else None
         for _ in range(rl.ppo_epochs):
             for mb in minibatches():
-                if rl.regularizer == "dmd":
+                if self.uses_dmd:
                     t0 = time.perf_counter()
-                    for _ in range(r.optim.ratio):
-                        for k_, v in self.critic_step().items():
+                    for _ in range(n_critic):
+                        for k_, v in self.critic_step(reuse).items():
                             acc[k_].append(v)
                     timers["time_dmd"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -346,7 +395,7 @@ class GRPOTrainer(DMDRTrainer):
                         terms.update(kl)
                         parts.append(("time_ppo", "kl", kl["loss_kl"]))
                 timers["time_ppo"] += time.perf_counter() - t0
-                if rl.regularizer == "dmd":
+                if self.uses_dmd:
                     t0 = time.perf_counter()
                     dmd = self.dmd_term(mb)
                     terms.update(dmd)
@@ -362,8 +411,9 @@ class GRPOTrainer(DMDRTrainer):
                     acc[k_].append(v)
                 acc["gen_grad_norm"].append(gn)
         out.update({k_: sum(v) / len(v) for k_, v in acc.items()})
-        if rl.regularizer == "dmd":
+        if self.uses_dmd:
             out["lambda_real"] = self.lambda_real()
+        out.update(self.nfe.snapshot())   # network evaluations of this iteration (dmdr.train.nfe)
         st.global_step += 1
         st.stage_step += 1
         timers["time_iteration"] = sum(timers[k_] for k_ in ("time_rollout", "time_reward", "time_ppo", "time_dmd"))
@@ -375,7 +425,9 @@ class GRPOTrainer(DMDRTrainer):
         g = torch.Generator().manual_seed(4321)
         labels = torch.arange(n) % C
         noise = torch.randn(n, *self.bundle.sample_shape, generator=g)
-        return labels.to(self.device), noise.to(self.device)
+        N = self.recipe.generator.steps   # fixed per-step noise: a multi-step sde student samples as it was trained
+        step_noise = torch.randn(N, n, *self.bundle.sample_shape, generator=g)
+        return labels.to(self.device), noise.to(self.device), step_noise.to(self.device)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -386,12 +438,13 @@ class GRPOTrainer(DMDRTrainer):
             return {}
         from dmdr.eval.report import evaluate_samples
 
-        labels, noise = self._eval_inputs()
+        labels, noise, step_noise = self._eval_inputs()
         self.bundle.generator_module.eval()
         images = []
+        mode = r.generator.backward_sim   # the student's own sampler (1-step: ode and sde are identical)
         for i in range(0, len(labels), 500):
-            # 1-step students (the GRPO recipes) sample identically in ode and sde mode
-            roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode="ode")
+            roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode=mode,
+                                    step_noise=step_noise[:, i:i + 500])
             images.append(self.bundle.decode(roll[K.SAMPLE]).float().clamp(0, 1))
         x = torch.cat(images)
         m = evaluate_samples(x.cpu(), labels.cpu())

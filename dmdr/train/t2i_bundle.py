@@ -157,7 +157,7 @@ def _check_rewards(recipe) -> None:
     from dmdr.rewards import available_rewards
 
     known = available_rewards()
-    for i, st in enumerate(recipe.stages):
+    for i, st in enumerate(getattr(recipe, "stages", [])):
         for j, term in enumerate(st.rewards):
             where = f"stages.{i}.rewards.{j}"
             if term.name not in known:
@@ -172,9 +172,12 @@ def _check_rewards(recipe) -> None:
 
 
 def _apply_smoke_rewards(recipe) -> None:
-    for st in recipe.stages:
+    for st in getattr(recipe, "stages", []):
         for term in st.rewards:
             term.kwargs = smoke_reward_kwargs(term.name, term.kwargs)
+    rl = getattr(recipe, "rl", None)   # task: grpo
+    for term in (rl.rewards if rl is not None else []):
+        term.kwargs = smoke_reward_kwargs(term.name, term.kwargs)
 
 
 # ---- the bundle -----------------------------------------------------------------------------------------------
