@@ -257,7 +257,9 @@ def main(argv=None) -> None:
                 o = [f"seed={s}", f"rl.init={start}", f"generator.steps={args.steps}", "rl.sde=flow_grpo",
                      "dmd.dynadg.enabled=false", "dmd.dynars.enabled=false", f"iterations={args.iters}",
                      f"eval.every={args.eval_every}", f"eval.samples={args.eval_samples}", "logging.log_every=1",
-                     "logging.sample_every=0", "logging.checkpoint_every=0", *reward_overrides(rw, classes), *over]
+                     "logging.sample_every=0", "logging.checkpoint_every=0",
+                     # the study measures drift itself: the shipped monitors would stop the very runs it compares
+                     "monitors.every=0", *reward_overrides(rw, classes), *over]
                 if args.batch_size:
                     o += [f"rl.batch_size={args.batch_size}", f"rl.minibatch_size={args.batch_size * args.steps // 2}"]
                 cmd = dmdr_cmd("digits-grpo.yaml", out, o, args.device)

@@ -33,7 +33,8 @@ def _run(teacher, out: Path, *over):
     r = load_recipe(RECIPE, [f"model.teacher={teacher}", "runtime.device=cpu", "rl.batch_size=8", "rl.group_size=4",
                              "rl.minibatch_size=4", "optim.ratio=1", "iterations=2", "eval.samples=0",
                              "logging.progress=false", "logging.log_every=1", "logging.sample_every=0",
-                             "logging.checkpoint_every=0", "critic.lora.rank=4", "critic.lora.alpha=4", *over])
+                             "logging.checkpoint_every=0", "critic.lora.rank=4", "critic.lora.alpha=4", "monitors.every=0",
+                             *over])
     GRPOTrainer(r, out, torch.device("cpu"), console=lambda *a: None).run()
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
