@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from dmdr.models.tiny import TinyDiT, TinyDiTConfig, save_tiny
 from dmdr.recipes import GRPORecipe, RecipeError, load_recipe, recipe_to_yaml, recipes_dir, validate_recipe
 from dmdr.rewards.base import Reward, RewardSpec, build_reward, register_reward
 
@@ -43,17 +42,11 @@ def _build_probe(mode="ok", device="cpu"):
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(shared_tiny_teacher):
     import peft  # noqa: F401  (the LoRA helpers import peft: a one-off 3-10 s, paid here rather than in a test)
     import torchrl.objectives  # noqa: F401
 
-    torch.manual_seed(0)
-    m = TinyDiT(TinyDiTConfig(dim=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_tiny(m, str(path))
-    return str(path)
+    return shared_tiny_teacher
 
 
 def _recipe(teacher, *over):

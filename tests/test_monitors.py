@@ -93,16 +93,8 @@ def test_shipped_recipes_have_monitors():
 
 # ---- the hook in a trainer -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from dmdr.models.tiny import TinyDiT, TinyDiTConfig, save_tiny
-
-    torch.manual_seed(0)
-    m = TinyDiT(TinyDiTConfig(dim=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_tiny(m, str(path))
-    return str(path)
+def teacher(shared_tiny_teacher):
+    return shared_tiny_teacher
 
 
 def _grpo(teacher, *over):

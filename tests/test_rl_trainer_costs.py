@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dmdr.errors import UserError
-from dmdr.models.tiny import TinyDiT, TinyDiTConfig, save_tiny
 from dmdr.recipes import load_recipe, recipes_dir
 
 torch.set_num_threads(1)
@@ -17,14 +16,8 @@ RECIPE = recipes_dir() / "digits-grpo.yaml"
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    m = TinyDiT(TinyDiTConfig(dim=32, depth=1, heads=2))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_tiny(m, str(path))
-    return str(path)
+def teacher(shared_tiny_teacher):
+    return shared_tiny_teacher
 
 
 def _run(teacher, out: Path, *over):
