@@ -70,8 +70,11 @@ def train(config: str, seed: int, out: Path, every: int, extra: list[str]) -> di
 
 
 @torch.no_grad()
-def score_checkpoint(path: Path) -> dict:
-    """Sample 2,000 digits from one checkpoint's student as ``dmdr sample --num 2000 --seed 0`` does; all metrics."""
+def score_checkpoint(path: Path, which: str = "ema") -> dict:
+    """Sample 2,000 digits from one checkpoint's student as ``dmdr sample --num 2000 --seed 0`` does; all metrics.
+
+    ``which="ema"``: the EMA weights when the checkpoint has them (what ``dmdr sample --run`` uses), else the
+    generator; ``which="generator"``: the raw generator (the same run without EMA: EMA does not affect training)."""
     import yaml
 
     from dmdr.data.digits import to_unit
@@ -84,7 +87,7 @@ def score_checkpoint(path: Path) -> dict:
     tensors, _, recipe_yaml = read_checkpoint(path)
     r = validate_recipe(yaml.safe_load(recipe_yaml), str(path))
     model = load_tiny(r.model.teacher)
-    model.load_state_dict(tensors.get("ema", tensors["generator"]))
+    model.load_state_dict(tensors[which] if which in tensors else tensors.get("ema", tensors["generator"]))
     info = StudentInfo(r.generator.steps, r.generator.shift, r.model.t_min, str(path), r.generator.backward_sim)
     labels = torch.arange(2000) % model.config.num_classes
     x = sample_student(model, labels, info, generator=torch.Generator().manual_seed(0))
@@ -113,6 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--runs", nargs="+", default=None, help="explicit CONFIG:SEED order (instead of the grid)")
     ap.add_argument("--every", type=int, default=100, help="checkpoint (and score) every this many generator steps")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "time_to_quality")
     ap.add_argument("--eval-only", action="store_true", help="score existing runs (their train_info.json) only")
@@ -134,9 +138,12 @@ def main() -> None:
     else:
         teacher_cmds = [f"(given) {a.teacher_json}"]
     teacher = json.loads(Path(a.teacher_json).read_text())
-    runs = []
-    for seed in a.seeds:  # interleave configs so that contention hits both alike
-        for config in a.configs:
+    prev = json.loads((a.out / "results.json").read_text())["runs"] if (a.out / "results.json").exists() else []
+    runs: list[dict] = []
+    order = ([(c, int(sd)) for c, sd in (x.split(":") for x in a.runs)] if a.runs else
+             [(c, sd) for sd in a.seeds for c in a.configs])  # interleave configs: contention hits both alike
+    for config, seed in order:
+        if True:
             run = a.out / f"{config}-s{seed}"
             info = (json.loads((run / "train_info.json").read_text()) if a.eval_only
                     else train(config, seed, a.out, a.every, a.extra))
@@ -151,11 +158,17 @@ def main() -> None:
                               **{k: m[k] for k in m if k != "n"}})
                 print(f"{config} s{seed} step {step:4d}  fid {m['fid']:.3f}  pixels {m['fid_pixels']:.4f}  "
                       f"mlp {m['fid_mlp']:.4f}  rec {m['recall']:.3f}  acc {m['accuracy']:.4f}", flush=True)
-            runs.append({**info, "curve": curve,
+            raw = None
+            if curve and any(run.glob("checkpoints/step-*/ema.safetensors")):  # the final raw generator = no EMA
+                last = sorted(d for d in (run / "checkpoints").glob("step-*") if d.is_dir() and "." not in d.name)[-1]
+                m = score_checkpoint(last, which="generator")
+                raw = {"step": curve[-1]["step"], **{k: m[k] for k in m if k != "n"}}
+            prev = [p for p in prev if (p["config"], p["seed"]) != (config, seed)]  # this run replaces its old entry
+            runs.append({**info, "curve": curve, "final_without_ema": raw,
                          "to_teacher": {s: first_reaching(curve, k, teacher[k]) for s, k in SPACES.items()}})
             (a.out / "results.json").write_text(json.dumps(
-                {"teacher": {"commands": teacher_cmds, **teacher}, "params": {c: param_counts(c) for c in a.configs},
-                 "runs": runs, "note": "wall-clock measured on a shared 2-core machine under contention"},
+                {"teacher": {"commands": teacher_cmds, **teacher}, "params": {c: param_counts(c) for c in sorted({c for c, _ in order} | {p["config"] for p in prev})},
+                 "runs": prev + runs, "note": "wall-clock measured on a shared 2-core machine under contention"},
                 indent=1))
     print(f"wrote {a.out / 'results.json'}")
 
