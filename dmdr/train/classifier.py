@@ -96,7 +96,7 @@ class DigitsMLPFeatureNet(nn.Module):
 
     ``features(x)`` is the D-dimensional penultimate activation (D = ``feature_dim``, 64 by default) used for FID
     and precision/recall; ``forward(x)`` the logits. No convolution, no pooling: it sees no translation structure
-    except what it learns, unlike :class:`DigitsFeatureNet`. About 55k parameters at the defaults.
+    except what it learns, unlike :class:`DigitsFeatureNet`. About 48k parameters at the defaults.
     """
 
     def __init__(self, hidden: int = 160, feature_dim: int = 64):
