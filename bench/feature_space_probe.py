@@ -8,6 +8,10 @@ so that the spaces can be compared on one scale: "x teacher" is how many teacher
 
     OMP_NUM_THREADS=1 python bench/feature_space_probe.py --teacher-json T.json --out bench/results/feature_space_probe.json
 
+``--checkpoints NAME=RUN/checkpoints/step-K[:generator] ...`` adds, per checkpoint (its EMA student, or the raw
+generator with ``:generator``), stroke "ink" statistics (mean pixel, share of full-ink and grey pixels) next to
+those of the real digits and the teacher: the check that reward-trained students saturate their strokes.
+
 Deterministic (fixed seeds); no training, about a minute on one core.
 """
 from __future__ import annotations
@@ -43,16 +47,35 @@ def perturbations(x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple[torch.Ten
     # diversity loss: half of the data duplicated (half_a twice); what a mode-seeking student does
     xa, ya = load_digits_tensors("half_a")
     out["half the modes (half_a ×2)"] = (torch.cat([to_unit(xa), to_unit(xa)]), torch.cat([ya, ya]))
+    # class-typical: keep the 75% of each class the reward net is most confident about, resampled to N (what a
+    # reward on log p(y|x) favours), without changing any single image
+    from dmdr.rewards.base import build_reward
+
+    with torch.no_grad():
+        conf = build_reward("digits_classifier", mode="log_prob")(x, y)
+    keep = torch.cat([(y == c).nonzero().squeeze(1)[conf[y == c].argsort(descending=True)[: int(0.75 * (y == c).sum())]]
+                      for c in range(10)])
+    pick = keep[torch.randint(0, len(keep), (n,), generator=g)]
+    out["most class-typical 75% only"] = (x[pick], y[pick])
     # class-prototypical: every image pulled 50% towards its class mean
     means = torch.stack([x[y == c].mean(0) for c in range(10)])
     out["50% towards class mean"] = (0.5 * x + 0.5 * means[y], y)
     return out
 
 
+def ink_stats(images: torch.Tensor) -> dict[str, float]:
+    """How saturated the strokes are: mean pixel, share of pixels ≥ 0.9 (full ink), share in (0.1, 0.9) (grey)."""
+    x = images.float()
+    return {"mean_pixel": float(x.mean()), "share_full_ink": float((x >= 0.9).float().mean()),
+            "share_grey": float(((x > 0.1) & (x < 0.9)).float().mean())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher-json", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("bench/results/feature_space_probe.json"))
+    ap.add_argument("--checkpoints", nargs="*", default=[], metavar="NAME=DIR[:generator]",
+                    help="also report ink statistics of these checkpoints' students (2,000 samples, seed 0)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     teacher = json.loads(a.teacher_json.read_text())
@@ -66,9 +89,30 @@ def main() -> None:
         rows.append(row)
         print(f"{name:36s} " + "  ".join(f"{s} {m[KEYS[s][0]]:.3f} ({row[f'x_teacher_{s}']:.1f}x) rec {m[KEYS[s][1]]:.2f}"
                                            for s in KEYS), flush=True)
+    ink = {"real digits": ink_stats(to_unit(x))}
+    if teacher.get("npz") or Path(a.teacher_json).with_suffix(".npz").exists():
+        from dmdr.eval.report import load_samples_npz
+
+        ink["50-step teacher"] = ink_stats(load_samples_npz(Path(a.teacher_json).with_suffix(".npz"))[0])
+    if a.checkpoints:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from time_to_quality import sample_checkpoint
+
+        for spec in a.checkpoints:
+            name, path = spec.split("=", 1)
+            which = "generator" if path.endswith(":generator") else "ema"
+            imgs, labels = sample_checkpoint(Path(path.removesuffix(":generator")), which)
+            m = evaluate_samples(imgs, labels)
+            ink[name] = {**ink_stats(imgs), **{k: m[k] for k in ("fid", "fid_pixels", "fid_mlp", "recall", "accuracy")}}
+    for name, v in ink.items():
+        print(f"{name:40s} " + "  ".join(f"{k} {val:.4f}" for k, val in v.items()), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"command": f"python bench/feature_space_probe.py --teacher-json {a.teacher_json} "
-                                            f"--out {a.out}", "teacher": teacher, "rows": rows}, indent=1))
+    cmd = f"python bench/feature_space_probe.py --teacher-json {a.teacher_json} --out {a.out}"
+    if a.checkpoints:
+        cmd += " --checkpoints " + " ".join(a.checkpoints)
+    a.out.write_text(json.dumps({"command": cmd, "teacher": teacher, "rows": rows, "ink": ink}, indent=1))
 
 
 if __name__ == "__main__":

@@ -70,15 +70,11 @@ def train(config: str, seed: int, out: Path, every: int, extra: list[str]) -> di
 
 
 @torch.no_grad()
-def score_checkpoint(path: Path, which: str = "ema") -> dict:
-    """Sample 2,000 digits from one checkpoint's student as ``dmdr sample --num 2000 --seed 0`` does; all metrics.
-
-    ``which="ema"``: the EMA weights when the checkpoint has them (what ``dmdr sample --run`` uses), else the
-    generator; ``which="generator"``: the raw generator (the same run without EMA: EMA does not affect training)."""
+def sample_checkpoint(path: Path, which: str = "ema") -> tuple[torch.Tensor, torch.Tensor]:
+    """2,000 samples (images in [0, 1], labels) of one checkpoint's student, as ``dmdr sample --num 2000 --seed 0``."""
     import yaml
 
     from dmdr.data.digits import to_unit
-    from dmdr.eval.report import evaluate_samples
     from dmdr.models.tiny import load_tiny
     from dmdr.recipes import validate_recipe
     from dmdr.sampling import StudentInfo, sample_student
@@ -91,7 +87,17 @@ def score_checkpoint(path: Path, which: str = "ema") -> dict:
     info = StudentInfo(r.generator.steps, r.generator.shift, r.model.t_min, str(path), r.generator.backward_sim)
     labels = torch.arange(2000) % model.config.num_classes
     x = sample_student(model, labels, info, generator=torch.Generator().manual_seed(0))
-    return evaluate_samples(to_unit(x).float(), labels)
+    return to_unit(x).float(), labels
+
+
+def score_checkpoint(path: Path, which: str = "ema") -> dict:
+    """Sample 2,000 digits from one checkpoint's student as ``dmdr sample --num 2000 --seed 0`` does; all metrics.
+
+    ``which="ema"``: the EMA weights when the checkpoint has them (what ``dmdr sample --run`` uses), else the
+    generator; ``which="generator"``: the raw generator (the same run without EMA: EMA does not affect training)."""
+    from dmdr.eval.report import evaluate_samples
+
+    return evaluate_samples(*sample_checkpoint(path, which))
 
 
 def param_counts(config: str) -> dict:
