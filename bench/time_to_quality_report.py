@@ -23,8 +23,11 @@ def ms(vals: list[float], nd: int = 3) -> str:
 
 def final_rows(res: dict) -> dict[str, list[dict]]:
     by: dict[str, list[dict]] = defaultdict(list)
-    for r in res["runs"]:
+    for r in sorted(res["runs"], key=lambda r: (r["config"], r["seed"])):
         by[r["config"]].append({**r["curve"][-1], "seed": r["seed"]})
+    for r in sorted(res["runs"], key=lambda r: (r["config"], r["seed"])):
+        if r.get("final_without_ema"):  # the same run's raw generator: the config without EMA
+            by[f"{r['config']} without EMA"].append({**r["final_without_ema"], "seed": r["seed"]})
     return by
 
 
