@@ -165,11 +165,11 @@ class TeacherRecipe(Seeded):
 class ClassifierTraining(Strict):
     """Digits classifier training (dmdr/train/classifier.py)."""
 
-    kind: Literal["reward", "features"] = "reward"
+    kind: Literal["reward", "features", "features_mlp"] = "reward"
     steps: int = Field(3000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(3e-3, gt=0)
-    split: Literal["all", "train"] = "train"
+    split: Literal["all", "train", "half_a", "half_b"] = "train"
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment: bool = True
@@ -196,9 +196,10 @@ class Generator(Strict):
 
 
 class Critic(Strict):
-    """The fake score: teacher + LoRA, evaluated at scale λ_f (method.md §1, §2.3)."""
+    """The fake score: teacher + LoRA, evaluated at scale λ_f (method.md §1, §2.3); ``lora: null`` = a full
+    trainable copy of the teacher (DMD2; digits only), viewed at θ_t + λ(θ_c − θ_t) (dmdr/models/full_critic.py)."""
 
-    lora: LoRA = Field(default_factory=LoRA)
+    lora: LoRA | None = Field(default_factory=LoRA, description="None = full critic copy (DMD2, tiny family only)")
     scale_fake: float = Field(2.0, gt=0, description="λ_f: the critic LoRA scale for the fake score")
 
 
@@ -227,7 +228,14 @@ class DMD(Strict):
     dynadg: DynaDG = Field(default_factory=DynaDG)
     dynars: DynaRS = Field(default_factory=DynaRS)
     tau_floor: float = Field(0.0, ge=0, lt=1, description="lower clamp of τ (official: 0)")
+    tau_ceiling: float = Field(1.0, gt=0, le=1, description="upper bound of τ (DMD2: 0.98; official DMDR: 1)")
     weight: float = Field(1.0, ge=0, description="weight of the DMD term in the generator loss")
+
+    @model_validator(mode="after")
+    def _tau_range(self):
+        if self.tau_floor >= self.tau_ceiling:
+            raise ValueError(f"dmd.tau_floor={self.tau_floor} must be below dmd.tau_ceiling={self.tau_ceiling}")
+        return self
 
 
 class RewardTerm(Strict):

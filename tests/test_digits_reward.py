@@ -157,7 +157,7 @@ def test_random_shift_moves_by_at_most_one_pixel():
 def test_evaluate_real_vs_noise(holdout01):
     x, y = holdout01
     real = evaluate_samples(x, y)
-    assert set(real) == {"fid", "precision", "recall", "accuracy", "reward", "n"} and real["n"] == len(y)
+    assert {"fid", "precision", "recall", "accuracy", "reward", "n"} <= set(real) and real["n"] == len(y)
     assert real["accuracy"] >= 0.95 and real["fid"] < 2.0 and real["precision"] > 0.9
     noise = evaluate_samples(torch.rand(len(y), 1, 8, 8, generator=torch.Generator().manual_seed(0)), y)
     assert noise["fid"] > 20 * max(real["fid"], 1.0)

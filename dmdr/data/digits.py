@@ -7,6 +7,10 @@ Split (deterministic, stratified, no RNG): within each class, samples are taken 
 one (positions 4, 9, 14, ... of that class) goes to ``holdout``; the rest is ``train``. That is 1442 train and
 355 holdout images, every class present in both in the proportion ≈4:1.
 
+A second, independent split into halves (also deterministic and stratified): within each class, even positions
+(0, 2, 4, ...) form ``half_a`` and odd positions ``half_b`` (899 / 898 images). The second evaluation network is
+trained on ``half_b`` only (docs/evaluation.md).
+
 >>> x, y = load_digits_tensors("holdout")
 >>> tuple(x.shape), x.min().item() >= -1, x.max().item() <= 1
 ((355, 1, 8, 8), True, True)
@@ -19,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Split = Literal["all", "train", "holdout"]
+Split = Literal["all", "train", "holdout", "half_a", "half_b"]
 HOLDOUT_EVERY = 5
 
 
@@ -52,8 +56,13 @@ def load_digits_tensors(split: Split = "all") -> tuple[Tensor, Tensor]:
         m = ~holdout
     elif split == "holdout":
         m = holdout
+    elif split in ("half_a", "half_b"):
+        m = torch.zeros_like(holdout)
+        for c in range(10):
+            idx = (y == c).nonzero().squeeze(1)  # data-set order, as the holdout split
+            m[idx[(0 if split == "half_a" else 1) :: 2]] = True
     else:
-        raise ValueError(f"unknown digits split {split!r}; expected 'all', 'train' or 'holdout'")
+        raise ValueError(f"unknown digits split {split!r}; expected 'all', 'train', 'holdout', 'half_a' or 'half_b'")
     return x[m].clone(), y[m].clone()
 
 

@@ -11,11 +11,20 @@ All image-space metrics use the fixed **evaluation** network :class:`dmdr.train.
 * ``accuracy``: fraction with ``argmax DigitsFeatureNet(x) == label``.
 * ``reward``: mean of the ``digits_classifier`` reward (the reward network) in ``reward_mode``.
 
+Two more feature spaces (docs/evaluation.md, "three feature spaces"), so that no claim rests on one network:
+
+* ``*_pixels``: raw pixels, 64-d (images in [0, 1] flattened); no network, reproducible by anyone;
+* ``*_mlp``: the second evaluation network :class:`dmdr.train.classifier.DigitsMLPFeatureNet` (an MLP, 64-d
+  features, trained on the other half ``half_b`` of the data with another seed; ``dmdr/assets/
+  digits_features_mlp.safetensors``, recipe ``recipes/digits-features-mlp.yaml``); ``accuracy_mlp`` its argmax.
+
+Each space gives ``fid_<space>``, ``precision_<space>``, ``recall_<space>`` against all 1797 real digits.
+
 Samples files are ``.npz`` with ``images`` float32 (N, 1, 8, 8) in [0, 1] and ``labels`` int64 (N,) in 0..9.
 
 >>> from dmdr.data.digits import load_digits_tensors, to_unit
 >>> x, y = load_digits_tensors("holdout")
->>> sorted(evaluate_samples(to_unit(x), y))
+>>> sorted(k for k in evaluate_samples(to_unit(x), y) if "_" not in k)
 ['accuracy', 'fid', 'n', 'precision', 'recall', 'reward']
 """
 from __future__ import annotations
@@ -60,6 +69,50 @@ def features_and_logits(images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=1)
+def mlp_feature_net() -> nn.Module:
+    """The second, independent evaluation network (an MLP; CPU, eval mode, frozen), loaded once."""
+    from dmdr.rewards.digits import default_checkpoint
+    from dmdr.train.classifier import load_classifier
+
+    net = load_classifier(default_checkpoint("features_mlp"), expect_kind="features_mlp")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+@torch.no_grad()
+def space_features(images01: Tensor, space: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, D) float64 of images (N, 1, 8, 8) in [0, 1] in one space, and logits (N, 10) or None.
+
+    ``space``: ``"net"`` (the evaluation net, D = 128), ``"pixels"`` (D = 64, no logits), ``"mlp"`` (the second
+    evaluation net, D = 64)."""
+    if space == "net":
+        return features_and_logits(images01)
+    if space == "pixels":
+        return images01.reshape(len(images01), -1).double().cpu().numpy(), None
+    if space == "mlp":
+        net = mlp_feature_net()
+        feats, logits = [], []
+        for i in range(0, len(images01), _BATCH):
+            f = net.features(images01[i : i + _BATCH].float().cpu())
+            feats.append(f.double().numpy())
+            logits.append(net.head(f).double().numpy())
+        return np.concatenate(feats), np.concatenate(logits)
+    raise ValueError(f"unknown feature space {space!r}; expected 'net', 'pixels' or 'mlp'")
+
+
+SPACES = ("net", "pixels", "mlp")  # "net" keeps the historical key names (fid, precision, recall, accuracy)
+
+
+@lru_cache(maxsize=None)
+def _real_space_features(space: str) -> np.ndarray:
+    x, _ = load_digits_tensors("all")
+    f, _ = space_features(to_unit(x), space)
+    f.setflags(write=False)
+    return f
+
+
+@lru_cache(maxsize=1)
 def _real_features() -> np.ndarray:
     x, _ = load_digits_tensors("all")
     f, _ = features_and_logits(to_unit(x))
@@ -76,7 +129,8 @@ def evaluate_samples(images01: Tensor, labels: Tensor, *, k: int = 3, reward_mod
     """Metrics of class-conditional samples against all 1797 real digits (see the module docstring).
 
     images01: (N, 1, 8, 8) in [0, 1]; labels: (N,) long, the classes the samples were generated for.
-    Returns ``{"fid", "precision", "recall", "accuracy", "reward", "n"}`` (floats; ``n`` an int).
+    Returns ``{"fid", "precision", "recall", "accuracy", "reward", "n"}`` (floats; ``n`` an int) in the
+    evaluation net's space, plus ``fid_/precision_/recall_pixels`` and ``fid_/precision_/recall_/accuracy_mlp``.
     """
     _check_images_labels(torch.as_tensor(images01), torch.as_tensor(labels), where="evaluate_samples")
     images01 = torch.as_tensor(images01).float().cpu()
@@ -89,7 +143,7 @@ def evaluate_samples(images01: Tensor, labels: Tensor, *, k: int = 3, reward_mod
     reward = build_reward("digits_classifier", mode=reward_mode)
     with torch.no_grad():
         r = torch.cat([reward(images01[i : i + _BATCH], labels[i : i + _BATCH]) for i in range(0, len(labels), _BATCH)])
-    return {
+    out = {
         "fid": fid_from_features(real, feats),
         "precision": pr["precision"],
         "recall": pr["recall"],
@@ -97,6 +151,15 @@ def evaluate_samples(images01: Tensor, labels: Tensor, *, k: int = 3, reward_mod
         "reward": float(r.double().mean()),
         "n": int(len(labels)),
     }
+    for space in SPACES[1:]:
+        f, lg = space_features(images01, space)
+        ref = _real_space_features(space)
+        pr = knn_precision_recall(ref, f, k=k)
+        out.update({f"fid_{space}": fid_from_features(ref, f), f"precision_{space}": pr["precision"],
+                    f"recall_{space}": pr["recall"]})
+        if lg is not None:
+            out[f"accuracy_{space}"] = float((lg.argmax(1) == labels.numpy()).mean())
+    return out
 
 
 def noise_floor(seed: int = 0, k: int = 3) -> dict:
@@ -160,6 +223,13 @@ _DESCRIPTIONS = {
     "recall": "k-NN recall: real digits covered by samples",
     "accuracy": "feature-net argmax == label",
     "reward": "mean digits_classifier reward (reward net)",
+    "fid_pixels": "FID on raw pixels (64-d, no network)",
+    "precision_pixels": "k-NN precision on raw pixels",
+    "recall_pixels": "k-NN recall on raw pixels",
+    "fid_mlp": "FID in the second eval net (MLP, other data half)",
+    "precision_mlp": "k-NN precision, second eval net",
+    "recall_mlp": "k-NN recall, second eval net",
+    "accuracy_mlp": "second eval net argmax == label",
 }
 
 

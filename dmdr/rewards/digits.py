@@ -39,9 +39,11 @@ def assets_dir() -> Path:
     return Path(dmdr.__file__).resolve().parent / "assets"
 
 
-def default_checkpoint(kind: Literal["reward", "features"] = "reward") -> Path:
-    """Path of the shipped reward (``digits_classifier.safetensors``) or feature (``digits_features.safetensors``) net."""
-    return assets_dir() / ("digits_classifier.safetensors" if kind == "reward" else "digits_features.safetensors")
+def default_checkpoint(kind: Literal["reward", "features", "features_mlp"] = "reward") -> Path:
+    """Path of the shipped reward (``digits_classifier.safetensors``), feature (``digits_features.safetensors``)
+    or second, MLP feature net (``digits_features_mlp.safetensors``)."""
+    return assets_dir() / {"reward": "digits_classifier.safetensors", "features": "digits_features.safetensors",
+                           "features_mlp": "digits_features_mlp.safetensors"}[kind]
 
 
 class DigitsClassifierReward(Reward):

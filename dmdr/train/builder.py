@@ -34,6 +34,15 @@ class ModelBundle:
     sample_shape: tuple[int, int, int]
     generator_is_lora: bool = False
     extra: dict = field(default_factory=dict)
+    critic_module: nn.Module | None = None  # a full critic copy (``critic.lora: null``, DMD2); None = LoRA on base
+
+    def critic_view(self, scale: float):
+        """The critic at scale λ: base + λ·Δ_LoRA, or θ_t + λ(θ_c − θ_t) for a full copy (models/full_critic.py)."""
+        if self.critic_module is not None:
+            from dmdr.models.full_critic import FullCopyView
+
+            return FullCopyView(self.base, self.critic_module, scale)
+        return AdapterView(self.base, "critic", scale)
 
     @property
     def path(self):
@@ -45,6 +54,8 @@ class ModelBundle:
         return {k: v for k, v in self.generator_module.state_dict().items()}
 
     def critic_state(self) -> dict[str, torch.Tensor]:
+        if self.critic_module is not None:
+            return {k: v for k, v in self.critic_module.state_dict().items()}
         return lora_state_dict(self.base, "critic")
 
     def load_generator_state(self, sd: dict[str, torch.Tensor]) -> None:
@@ -52,6 +63,9 @@ class ModelBundle:
                     partial=self.generator_is_lora)
 
     def load_critic_state(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.critic_module is not None:
+            _load_exact(self.critic_module, sd, "critic", partial=False)
+            return
         _load_exact(self.base, sd, "critic", partial=True)
 
 
@@ -81,8 +95,14 @@ def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
         raise ValueError(f"data.num_classes={recipe.data.num_classes} but the teacher has {c.num_classes} classes")
     base = teacher
     cl = recipe.critic.lora
-    add_lora(base, "critic", rank=cl.rank, alpha=cl.alpha, target_modules=cl.targets)
-    critic_params = lora_parameters(base, "critic")
+    critic_module = None
+    if cl is None:  # DMD2: a full trainable copy of the teacher as the fake score
+        critic_module = load_tiny(recipe.model.teacher).to(device)
+        critic_module.requires_grad_(True)
+        critic_params = list(critic_module.parameters())
+    else:
+        add_lora(base, "critic", rank=cl.rank, alpha=cl.alpha, target_modules=cl.targets)
+        critic_params = lora_parameters(base, "critic")
     if recipe.generator.init is not None and recipe.generator.lora is not None:
         raise ValueError(f"generator.init={recipe.generator.init} needs generator.lora: null (full-weights student)")
     if recipe.generator.lora is None:
@@ -96,7 +116,7 @@ def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
         add_lora(base, "generator", rank=gl.rank, alpha=gl.alpha, target_modules=gl.targets)
         gen_params = lora_parameters(base, "generator")
         generator, gen_module, is_lora = AdapterView(base, "generator", 1.0), base, True
-    set_trainable(base, critic_params + (gen_params if is_lora else []))
+    set_trainable(base, (critic_params if critic_module is None else []) + (gen_params if is_lora else []))
     n = c.num_classes
 
     def sample_cond(B: int):
@@ -106,7 +126,7 @@ def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
     return ModelBundle(base=base, generator=generator, generator_module=gen_module, generator_params=gen_params,
                        critic_params=critic_params, sample_cond=sample_cond, decode=to_unit,
                        sample_shape=(c.channels, c.image_size, c.image_size), generator_is_lora=is_lora,
-                       extra={"teacher_config": c})
+                       extra={"teacher_config": c}, critic_module=critic_module)
 
 
 FAMILY_BUILDERS: dict[str, Callable[..., ModelBundle]] = {"tiny": build_tiny_bundle}
@@ -122,4 +142,9 @@ def build_bundle(recipe, device: torch.device) -> ModelBundle:
             pass
     if fam not in FAMILY_BUILDERS:
         raise ValueError(f"model.family={fam!r} has no trainer bundle; available: {', '.join(FAMILY_BUILDERS)}")
+    if fam != "tiny" and getattr(getattr(recipe, "critic", None), "lora", True) is None:
+        from dmdr.errors import UserError
+
+        raise UserError(f"critic.lora: null (a full critic copy) is supported for the tiny digits family only, not "
+                        f"model.family={fam!r}; give critic.lora a rank/alpha/targets")
     return FAMILY_BUILDERS[fam](recipe, device)

@@ -31,7 +31,6 @@ from tensordict import TensorDict
 from dmdr import keys as K
 from dmdr.eval.grid import save_grid
 from dmdr.losses import dmd_loss, fake_score_batch, fake_score_loss, merge_terms, reward_loss, scalars, total_loss
-from dmdr.models.lora import AdapterView
 from dmdr.recipes import DMDRRecipe, recipe_to_yaml, validate_recipe
 from dmdr.rewards import build_reward
 from dmdr.samplers import clean_targets, few_step_rollout
@@ -147,11 +146,12 @@ class DMDRTrainer:
         return dynadg_scale(self.state.global_step, dg.horizon, dg.scale0) if dg.enabled else 0.0
 
     def sample_tau(self, B: int) -> torch.Tensor:
-        rs = self.recipe.dmd.dynars
+        rs, d = self.recipe.dmd.dynars, self.recipe.dmd
         if rs.enabled:
-            return sample_dynars(B, self.state.global_step, rs.horizon, rs.alpha0, rs.beta0,
-                                 t_floor=self.recipe.dmd.tau_floor, device=self.device)
-        return sample_uniform(B, max(0.001, self.recipe.dmd.tau_floor), 1.0, device=self.device)
+            tau = sample_dynars(B, self.state.global_step, rs.horizon, rs.alpha0, rs.beta0,
+                                t_floor=d.tau_floor, device=self.device)
+            return tau.clamp(max=d.tau_ceiling) if d.tau_ceiling < 1.0 else tau
+        return sample_uniform(B, max(0.001, d.tau_floor), d.tau_ceiling, device=self.device)
 
     def reward(self, name: str, kwargs: dict) -> torch.nn.Module:
         key = f"{name}:{sorted(kwargs.items())}"
@@ -228,7 +228,7 @@ class DMDRTrainer:
     def critic_update(self, x_clean: torch.Tensor, cond) -> dict[str, float]:
         """One critic step (method.md §2.3): L_fake on renoise(sg(x_clean), τ_c), τ_c ~ DynaRS(k), critic at λ_f."""
         r, b = self.recipe, self.bundle
-        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+        fake = b.critic_view(r.critic.scale_fake)
         tau_c = self.sample_tau(x_clean.shape[0])
         with autocast(self.device, r.runtime.precision):
             c_terms = fake_score_loss(fake_score_batch(fake, x_clean, tau_c, torch.randn_like(x_clean), cond))
@@ -242,8 +242,8 @@ class DMDRTrainer:
         """Both scores at renoise(x̂0, τ) (method.md §2.4-2.6): real = base + λ_r(k) LoRA with CFG ``cfg_scale``,
         fake = base + λ_f LoRA. Returns TensorDict(x0_pred, x0_real, x0_fake) ready for :func:`dmd_loss`."""
         r, b = self.recipe, self.bundle
-        real = AdapterView(b.base, "critic", self.lambda_real())
-        fake = AdapterView(b.base, "critic", r.critic.scale_fake)
+        real = b.critic_view(self.lambda_real())
+        fake = b.critic_view(r.critic.scale_fake)
         with autocast(self.device, r.runtime.precision):
             targets = distribution_matching_targets(x0_pred, real, fake, cond, tau=tau, noise=torch.randn_like(x0_pred),
                                                     uncond=uncond if cfg_scale > 1.0 else None, cfg_scale=cfg_scale)

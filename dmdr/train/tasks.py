@@ -30,7 +30,7 @@ def run_classifier(recipe, out: Path, device: torch.device, *, resume: bool, smo
                                              seed=recipe.seed, device=str(device), split=t.split,
                                              weight_decay=t.weight_decay, label_smoothing=t.label_smoothing,
                                              augment=t.augment)
-    final = out / f"digits_{'classifier' if t.kind == 'reward' else 'features'}.safetensors"
+    final = out / f"digits_{ {'reward': 'classifier', 'features': 'features'}.get(t.kind, t.kind)}.safetensors"
     save_classifier(model, final, metrics=metrics)
     console(f"metrics: {metrics}")
     return {"classifier weights": final}
