@@ -342,8 +342,12 @@ def _(ctx):
     out2, err2 = second.communicate(timeout=300)
     out1, err1 = first.communicate(timeout=300)
     ok, line = one_line_error(second.returncode, err2, "in use by another dmdr process")
-    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    # the training records (monitor lines share a step with the training record they follow)
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [r["step"] for r in recs if "inner_step" in r]
     ok = ok and first.returncode == 0 and steps == sorted(set(steps))
+    if first.returncode != 0 or steps != sorted(set(steps)):
+        line += f" | first exit {first.returncode}, steps {steps}, first stderr: {err1.strip()[-300:]}"
     return Outcome(second.returncode, "metrics.jsonl written by one process (each step once)", ok, line)
 
 
