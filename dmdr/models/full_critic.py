@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dmdr.models.lora import BaseView
 
-class FullCopyView:
+
+class FullCopyView(BaseView):
     """A denoiser view ``x_t, t, cond -> output`` of θ_t + λ(θ_c − θ_t), satisfying the model contract.
 
     >>> fake = FullCopyView(teacher, critic_copy, 1.0)   # DMD2 fake score: the critic copy itself
@@ -28,13 +30,6 @@ class FullCopyView:
 
     def __init__(self, base: nn.Module, critic: nn.Module, scale: float = 1.0):
         self.base, self.critic, self.scale = base, critic, float(scale)
-
-    @property
-    def path(self):
-        return self.base.path
-
-    def null_cond(self, cond: Any) -> Any:
-        return self.base.null_cond(cond)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         if self.scale == 0.0:

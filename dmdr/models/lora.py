@@ -108,7 +108,20 @@ def adapter_scope(module: nn.Module, adapter: str | None, scale: float = 1.0) ->
             layer.scaling.update(scaling)
 
 
-class AdapterView:
+class BaseView:
+    """What every denoiser view shares: the time path and the null condition are the base model's."""
+
+    base: nn.Module
+
+    @property
+    def path(self):
+        return self.base.path
+
+    def null_cond(self, cond: Any) -> Any:
+        return self.base.null_cond(cond)
+
+
+class AdapterView(BaseView):
     """A denoiser view: ``base`` with one LoRA adapter at a fixed scale, satisfying the model contract.
 
     >>> real = AdapterView(critic_base, "critic", scale=0.25)   # DynaDG real score
@@ -117,13 +130,6 @@ class AdapterView:
 
     def __init__(self, base: nn.Module, adapter: str | None, scale: float = 1.0):
         self.base, self.adapter, self.scale = base, adapter, float(scale)
-
-    @property
-    def path(self):
-        return self.base.path
-
-    def null_cond(self, cond: Any) -> Any:
-        return self.base.null_cond(cond)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         with adapter_scope(self.base, self.adapter, self.scale):
