@@ -43,41 +43,41 @@ NPZ_FORMAT = "an .npz with 'images' float32 (N, 1, 8, 8) in [0, 1] and 'labels' 
 _BATCH = 1024
 
 
-@lru_cache(maxsize=1)
-def feature_net() -> nn.Module:
-    """The shipped evaluation network (CPU, eval mode, frozen), loaded once."""
+@lru_cache(maxsize=None)
+def _frozen_net(kind: str) -> nn.Module:
+    """A shipped evaluation network (``"features"`` or ``"features_mlp"``; CPU, eval mode, frozen), loaded once."""
     from dmdr.rewards.digits import default_checkpoint
     from dmdr.train.classifier import load_classifier
 
-    net = load_classifier(default_checkpoint("features"), expect_kind="features")
+    net = load_classifier(default_checkpoint(kind), expect_kind=kind)
     for p in net.parameters():
         p.requires_grad_(False)
     return net
 
 
+def feature_net() -> nn.Module:
+    """The shipped evaluation network."""
+    return _frozen_net("features")
+
+
+def mlp_feature_net() -> nn.Module:
+    """The second, independent evaluation network (an MLP trained on the other half of the data)."""
+    return _frozen_net("features_mlp")
+
+
 @torch.no_grad()
-def features_and_logits(images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Evaluation-net features (N, D) and logits (N, 10) of images (N, 1, 8, 8) in [0, 1], as float64 NumPy."""
-    net = feature_net()
+def _features_and_logits(net: nn.Module, images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
     feats, logits = [], []
     for i in range(0, len(images01), _BATCH):
-        x = images01[i : i + _BATCH].float().cpu()
-        f = net.features(x)
+        f = net.features(images01[i : i + _BATCH].float().cpu())
         feats.append(f.double().numpy())
         logits.append(net.head(f).double().numpy())
     return np.concatenate(feats), np.concatenate(logits)
 
 
-@lru_cache(maxsize=1)
-def mlp_feature_net() -> nn.Module:
-    """The second, independent evaluation network (an MLP; CPU, eval mode, frozen), loaded once."""
-    from dmdr.rewards.digits import default_checkpoint
-    from dmdr.train.classifier import load_classifier
-
-    net = load_classifier(default_checkpoint("features_mlp"), expect_kind="features_mlp")
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+def features_and_logits(images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation-net features (N, D) and logits (N, 10) of images (N, 1, 8, 8) in [0, 1], as float64 NumPy."""
+    return _features_and_logits(feature_net(), images01)
 
 
 @torch.no_grad()
@@ -91,13 +91,7 @@ def space_features(images01: Tensor, space: str) -> tuple[np.ndarray, np.ndarray
     if space == "pixels":
         return images01.reshape(len(images01), -1).double().cpu().numpy(), None
     if space == "mlp":
-        net = mlp_feature_net()
-        feats, logits = [], []
-        for i in range(0, len(images01), _BATCH):
-            f = net.features(images01[i : i + _BATCH].float().cpu())
-            feats.append(f.double().numpy())
-            logits.append(net.head(f).double().numpy())
-        return np.concatenate(feats), np.concatenate(logits)
+        return _features_and_logits(mlp_feature_net(), images01)
     raise ValueError(f"unknown feature space {space!r}; expected 'net', 'pixels' or 'mlp'")
 
 
@@ -112,17 +106,9 @@ def _real_space_features(space: str) -> np.ndarray:
     return f
 
 
-@lru_cache(maxsize=1)
-def _real_features() -> np.ndarray:
-    x, _ = load_digits_tensors("all")
-    f, _ = features_and_logits(to_unit(x))
-    f.setflags(write=False)
-    return f
-
-
 def real_features() -> np.ndarray:
     """Evaluation-net features (1797, D) of all real digits (the FID / precision / recall reference), cached."""
-    return _real_features()
+    return _real_space_features("net")
 
 
 def evaluate_samples(images01: Tensor, labels: Tensor, *, k: int = 3, reward_mode: str = "log_prob") -> dict:
