@@ -734,15 +734,14 @@ def load_network_weights(net: nn.Module, path: str | Path, field: str = "generat
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise ValueError(f"{field}={path}: expected a state dict (name -> tensor)")
+    from dmdr.models.weights import copy_state, state_mismatch
+
     own = net.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, bad = state_mismatch(own, state)
     if missing or unexpected or bad:
         raise ValueError(f"{field}={path}: weights do not match the {type(net).__name__} of model.path "
                          f"(missing {missing[:2]}, unexpected {unexpected[:2]}, shape mismatch {bad[:2]})")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
+    copy_state(own, state)
     return net
 
 

@@ -70,16 +70,14 @@ class ModelBundle:
 
 
 def _load_exact(module: nn.Module, sd: dict[str, torch.Tensor], what: str, partial: bool) -> None:
+    from dmdr.models.weights import copy_state, state_mismatch
+
     own = dict(module.state_dict()) if not partial else {n: p for n, p in module.named_parameters()}
-    missing = [k for k in (own if not partial else []) if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    bad_shape = [k for k in sd if k in own and own[k].shape != sd[k].shape]
+    missing, unexpected, bad_shape = state_mismatch(own, sd, require_all=not partial)
     if missing or unexpected or bad_shape:
         raise ValueError(f"{what} checkpoint does not match the model: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}, shape mismatch {bad_shape[:3]}")
-    with torch.no_grad():
-        for k, v in sd.items():
-            own[k].copy_(v)
+    copy_state(own, sd)
 
 
 def build_tiny_bundle(recipe, device: torch.device) -> ModelBundle:
