@@ -1,7 +1,7 @@
 """The family-interface refactor (issue 12) changes no result: hash what unchanged smoke recipes produce.
 
 For each case, ``dmdr train RECIPE --smoke`` runs on one thread with the recipe's fixed seed, and this script
-records the sha256 of every exported student file (the files the run lists: ``student``, ``lora`` ...) and the
+records the sha256 of the content (tensors + metadata, see :func:`content_sha256`) of every exported student file (the files the run lists: ``student``, ``lora`` ...) and the
 losses the run logged (``metrics.jsonl``, every number of every line, as floats printed with ``repr``). Run it once on
 the code before the change (``--label before``) and once after (``--label after``) into the same results file; the
 ``identical`` field then says whether every hash and every loss matches bit for bit.
@@ -47,13 +47,34 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's content: every tensor (name, dtype, shape, bytes, in name order) and the
+    metadata (key order). The file's own bytes are not reproducible: safetensors writes its metadata map in a
+    random order (a Rust HashMap), so two identical runs give different file hashes."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        h.update(json.dumps(sorted((f.metadata() or {}).items())).encode())
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k).contiguous()
+            h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(-1).view(torch_uint8()).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
 def student_files(run: Path) -> list[Path]:
     """Every exported student file of a run directory (not checkpoints, samples or logs)."""
     out = []
     for p in sorted(run.rglob("*")):
         rel = p.relative_to(run)
-        if not p.is_file() or rel.parts[0] in ("checkpoints", "samples", "monitors") or p.suffix not in (
-                ".safetensors", ".pt", ".bin"):
+        if not p.is_file() or rel.parts[0] in ("checkpoints", "samples", "monitors") or p.suffix != ".safetensors":
             continue
         out.append(p)
     return out
@@ -85,7 +106,7 @@ def run_case(name: str, recipe: str, extra: list[str], tmp: Path) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"{name}: {' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return {"command": " ".join(["dmdr", *cmd[len(DMDR):]]).replace(str(tmp), "$TMP"),
-            "students": {str(p.relative_to(out)): sha256(p) for p in student_files(out)},
+            "students": {str(p.relative_to(out)): content_sha256(p) for p in student_files(out)},
             "metrics_sha256": hashlib.sha256(json.dumps(losses(out)).encode()).hexdigest(),
             "last_losses": losses(out)[-1] if losses(out) else {}, "wall_s": round(time.time() - t0, 1)}
 
