@@ -39,20 +39,20 @@ def measure(name: str, dev, args) -> dict:
     from dmdr.models.t2i import merged_state_dict, sample_t2i
     from dmdr.samplers import sample_euler
     from dmdr.schedules import few_step_grid
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     D._reset(dev)
     r = D._recipe(name, "shared", False, args)
     with D._real_size(name, dev, args):
         b = build_bundle(r, dev)
-    shared = b.extra["shared"]
+    shared = b.shared
     res = args.res
     cond = shared.encode(["a photo of a cat"], height=res, width=res)
     uncond = shared.null_cond(cond)
     C, h, w = shared.latent_shape(res, res)
     noise = torch.randn(1, C, h, w, device=dev)
     teacher = shared.teacher()
-    sd3 = r.model.family == "sd3"
+    sd3 = name != "sdxl-base"
     tgrid = few_step_grid(args.teacher_steps, 3.0, shared.path.t_min).to(dev) if sd3 else \
         torch.linspace(0.999, 0.0, args.teacher_steps + 1, device=dev)
     net = shared.denoiser.net
