@@ -361,6 +361,7 @@ def _sample_prompt_run(fam, run: Path, prompt: List[str], prompts_file: Optional
     texts = [texts[i % len(texts)] for i in range(num)] if num is not None else texts
     recipe = load_recipe(run / "recipe.yaml")
     bundle, path = fam.load_student(run, recipe, resolve_device(device), warn=lambda m: typer.echo(m, err=True))
+    fam.prepare_inference(bundle)  # e.g. merge the generator LoRA: the same student, a plain network
     inputs = fam.sample_inputs(bundle, "user", prompts=texts, seed=seed)
     images = fam.render(bundle, fam.sample(bundle, inputs, steps=steps))
     fam.save_samples(bundle, images, inputs, out)

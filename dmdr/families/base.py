@@ -230,6 +230,11 @@ class Family(ABC):
         """The student's own rollout (its grid and ``generator.backward_sim``) on ``inputs``: x in model space
         (N, *sample_shape). ``steps`` overrides N (keeping the shift). Runs under ``no_grad``."""
 
+    def prepare_inference(self, bundle: Bundle) -> None:
+        """Make the student fast for sampling only (``dmdr sample``), e.g. merge a LoRA generator into its base.
+        Afterwards the bundle samples the student and nothing else (no teacher, critic or training). Default:
+        nothing to do."""
+
     def sample_teacher(self, bundle: Bundle, inputs: SampleInputs, *, steps: int, cfg: float = 1.0) -> Tensor:
         """The frozen teacher (no adapter): ``steps`` Euler/DDIM steps with CFG ``cfg`` on ``inputs`` (model space)."""
         raise NotImplementedError(f"model.family={self.name} has no teacher sampler")

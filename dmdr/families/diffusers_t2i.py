@@ -331,6 +331,11 @@ class DiffusersT2IFamily(Family):
                                      width=res, seed=seed, mode=g.backward_sim, return_latents=True)
                           for ps, seed in inputs.batches])
 
+    def prepare_inference(self, bundle: T2IBundle) -> None:
+        """Fuse the generator LoRA into the base (:meth:`SharedBaseT2I.fuse_generator`): the student then runs as
+        a plain network, 1.9-2.4x faster per forward at 1024 px on an H200 (docs/scale.md)."""
+        bundle.shared.fuse_generator()
+
     @torch.no_grad()
     def sample_teacher(self, bundle: T2IBundle, inputs: PromptInputs, *, steps: int, cfg: float = 1.0) -> Tensor:
         """The frozen base, ``steps`` Euler (flow matching) / DDIM (ε) steps on the family grid with the recipe's

@@ -79,6 +79,34 @@ def adapter_names(module: nn.Module) -> set[str]:
     return names
 
 
+def fuse_adapter(module: nn.Module, adapter: str) -> int:
+    """For inference only: turn every LoRA layer of ``module`` back into its plain base layer, in place, with
+    ``W ← W + Δ_adapter`` (peft's ``get_delta_weight``, summed in float32 and cast back to W's dtype). Every other
+    adapter is dropped. Returns the number of layers replaced.
+
+    An unmerged LoRA layer runs its own low-rank matmuls and per-module Python on every call; at batch 1 and
+    1024 px that made the 4-step student 1.9× (SD3-Medium) and 2.4× (SDXL) slower per forward than the same
+    weights merged (docs/scale.md, ``bench/results/device_sampling.json``). After this call the module can no
+    longer give the base alone or any other adapter, and its adapters cannot train.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    replaced = 0
+    for name, layer in list(module.named_modules()):
+        if not name or not isinstance(layer, LoraLayer):
+            continue
+        base = layer.get_base_layer()
+        if adapter in layer.lora_A:
+            with torch.no_grad():
+                delta = layer.get_delta_weight(adapter).float()
+                base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, base)
+        replaced += 1
+    return replaced
+
+
 def set_trainable(module: nn.Module, params: Iterable[nn.Parameter]) -> None:
     """Make exactly ``params`` trainable in ``module``; everything else is frozen."""
     keep = {id(p) for p in params}

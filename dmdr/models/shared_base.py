@@ -113,6 +113,7 @@ class SharedBaseT2I(nn.Module):
         super().__init__()
         self.denoiser, self.vae, self.encoder = denoiser, vae, encoder
         self.generator_denoiser = generator_network  # full-weights generator (a second network) or None (LoRA)
+        self.fused = False  # fuse_generator() was called: the base now *is* the generator (inference only)
         self.reward_vae = reward_vae
         self.family = getattr(denoiser, "family", "t2i")
         self.offload_idle = offload_idle
@@ -192,18 +193,41 @@ class SharedBaseT2I(nn.Module):
         """G = base + Δ_generator (scale 1), or the full-weights generator network."""
         if self.full_generator:
             return self.generator_denoiser
+        if self.fused:
+            return self.denoiser
         return AdapterView(self.denoiser, GENERATOR, 1.0)
+
+    def fuse_generator(self) -> int:
+        """Inference only (``dmdr sample``): merge the generator LoRA into the base network in place and drop the
+        LoRA layers (:func:`dmdr.models.lora.fuse_adapter`), so the student runs as a plain network. Afterwards
+        :meth:`generator` is the base itself and the teacher, the critic views and training are gone. A
+        full-weights generator is already plain: nothing to do. Returns the number of fused layers."""
+        if self.full_generator or self.fused:
+            return 0
+        from dmdr.models.lora import fuse_adapter
+
+        n = fuse_adapter(self.denoiser.net, GENERATOR)
+        self.fused = True
+        return n
+
+    def _not_fused(self, what: str) -> None:
+        if self.fused:
+            raise RuntimeError(f"{what}: the generator was fused into the base for inference (fuse_generator); "
+                               f"rebuild the model to get the teacher or the critic")
 
     def fake_score(self, scale: float = 2.0) -> AdapterView:
         """Fake score = base + λ_f Δ_critic (λ_f = 2 in the official scripts)."""
+        self._not_fused("fake score")
         return AdapterView(self.denoiser, CRITIC, scale)
 
     def real_score(self, scale: float = 0.0) -> AdapterView:
         """Real score = base + λ_r Δ_critic (DynaDG, :func:`dmdr.schedules.dynadg_scale`); 0 = the teacher."""
+        self._not_fused("real score")
         return AdapterView(self.denoiser, CRITIC, scale)
 
     def teacher(self) -> AdapterView:
         """The frozen base alone (no adapter)."""
+        self._not_fused("teacher")
         return AdapterView(self.denoiser, None, 0.0)
 
     @property
