@@ -350,3 +350,12 @@ def test_standin_components_keep_the_real_flags(comps):
     assert type(k4.encoder.text_encoder).__name__ == "Qwen3ForCausalLM" and k4.encoder.layers == (9, 18, 27)
     assert type(k4.vae.vae).__name__ == "AutoencoderKLFlux2" and k4.encoder.max_sequence_length == 512
     assert isinstance(k4.denoiser, Flux2Denoiser) and isinstance(f1.denoiser, FluxDenoiser)
+
+
+def test_the_shared_standin_entry_points_dispatch_to_flux():
+    """dmdr.models.standins.real_network / standin_components (what --dry-run and --smoke call) know FLUX."""
+    from dmdr.models.standins import real_network, standin_components
+
+    assert type(real_network("flux2-klein-4b")).__name__ == "Flux2Transformer2DModel"
+    c = standin_components("flux1-dev", seed=1)
+    assert isinstance(c.denoiser, FluxDenoiser) and c.info["standin"] == "flux1-dev"
