@@ -232,6 +232,7 @@ class FluxDenoiser(_FluxDenoiserBase):
 
     family = "flux1"
     network_subfolder = "transformer"
+    PIPELINE_CLASS = "FluxPipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=FLUX1_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=FLUX1_LORA_TARGETS)
 
@@ -270,6 +271,7 @@ class Flux2Denoiser(_FluxDenoiserBase):
 
     family = "flux2"
     network_subfolder = "transformer"
+    PIPELINE_CLASS = "Flux2KleinPipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=FLUX2_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=FLUX2_LORA_TARGETS)
 
