@@ -61,8 +61,9 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr.models.lora import BaseView
-from dmdr.models.t2i import (DiffusersDenoiser, LORA_WEIGHT_NAME, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec,
-                             SharedBaseT2I, T2IComponents, TextEncoderStack, _lora_metadata, check_local_model_dir)
+from dmdr.models.shared_base import SharedBaseT2I
+from dmdr.models.t2i_components import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, DiffusersDenoiser, LoraSpec,
+                                        T2IComponents, TextEncoderStack, check_local_model_dir)
 from dmdr.paths import FlowMatching
 
 FLUX_T_MIN = 0.0
@@ -589,28 +590,16 @@ def load_flux2_klein(path: str | Path | None, *, dtype: torch.dtype | None = Non
 # ---- export -------------------------------------------------------------------------------------------------
 def export_flux_lora(shared: SharedBaseT2I, out_dir: str | Path, *, adapter: str = "generator",
                      dtype: torch.dtype | None = None) -> Path:
-    """Write one adapter (default: the generator) as ``out_dir/pytorch_lora_weights.safetensors`` through
-    ``FluxPipeline.save_lora_weights`` (FLUX.1) or ``Flux2KleinPipeline.save_lora_weights`` (FLUX.2): peft keys
-    prefixed ``transformer.``, the LoRA config (rank, α, targets) in the metadata. Load with
+    """Write one adapter (default: the generator) as ``out_dir/pytorch_lora_weights.safetensors`` through the
+    denoiser's ``PIPELINE_CLASS``: ``FluxPipeline.save_lora_weights`` (FLUX.1) or
+    ``Flux2KleinPipeline.save_lora_weights`` (FLUX.2), i.e. :func:`dmdr.models.t2i_export.export_lora_diffusers`:
+    peft keys prefixed ``transformer.``, the LoRA config (rank, α, targets) in the metadata. Load with
     ``pipe.load_lora_weights(out_dir)``; sample FLUX.1 with ``guidance_scale`` = the trained ``guidance``."""
-    from peft import get_peft_model_state_dict
+    from dmdr.models.t2i_export import export_lora_diffusers
 
-    net = shared.denoiser.net
-    state = get_peft_model_state_dict(net, adapter_name=adapter)
-    if not state:
-        raise ValueError(f"the base has no LoRA adapter named {adapter!r}")
-    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
-    meta = _lora_metadata(net, adapter)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(shared.denoiser, Flux2Denoiser):
-        from diffusers import Flux2KleinPipeline as Pipe
-    elif isinstance(shared.denoiser, FluxDenoiser):
-        from diffusers import FluxPipeline as Pipe
-    else:
+    if not isinstance(shared.denoiser, _FluxDenoiserBase):
         raise ValueError(f"not a FLUX denoiser: {type(shared.denoiser).__name__}")
-    Pipe.save_lora_weights(out, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
-    return out / LORA_WEIGHT_NAME
+    return export_lora_diffusers(shared, out_dir, adapter=adapter, dtype=dtype)
 
 
 __all__ = ["FluxDenoiser", "Flux2Denoiser", "FluxTextEncoder", "Flux2KleinTextEncoder", "Flux2LatentVAE",
