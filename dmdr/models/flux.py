@@ -337,7 +337,10 @@ class GuidanceView(BaseView):
         self.base = getattr(view, "base", view)
 
     def __getattr__(self, name: str):  # adapter / scale of the wrapped AdapterView
-        return getattr(self.__dict__["view"], name)
+        view = self.__dict__.get("view")
+        if view is None:
+            raise AttributeError(name)
+        return getattr(view, name)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: TensorDict) -> Tensor:
         return self.view(x_t, t, with_guidance(cond, self.guidance))
