@@ -359,3 +359,7 @@ def test_the_shared_standin_entry_points_dispatch_to_flux():
     assert type(real_network("flux2-klein-4b")).__name__ == "Flux2Transformer2DModel"
     c = standin_components("flux1-dev", seed=1)
     assert isinstance(c.denoiser, FluxDenoiser) and c.info["standin"] == "flux1-dev"
+    k9 = standin_components("flux2-klein-9b", seed=1)
+    cond = k9.encoder(["a cat"])
+    with torch.no_grad():
+        assert k9.denoiser(torch.randn(1, 32, 8, 8), torch.rand(1), cond).shape == (1, 32, 8, 8)
