@@ -40,7 +40,8 @@ def test_recipes_hold_the_cited_settings():
     assert f2.generator.shift == pytest.approx(flux2_shift(1024, 1024, 4), abs=1e-4) and f2.model.resolution == 1024
     for r in (f1, f2):
         assert r.model.t_min == 0.0 and r.generator.steps == 4 and r.model.max_sequence_length == 512
-        assert (r.generator.lora.rank, r.generator.lora.alpha, r.critic.lora.rank, r.critic.lora.alpha) == (64, 128, 32, 32)
+        g, c = r.generator.lora, r.critic.lora
+        assert (g.rank, g.alpha, c.rank, c.alpha) == (64, 128, 32, 32)
     assert "to_qkv_mlp_proj" in f2.generator.lora.targets and "to_qkv_mlp_proj" not in f1.generator.lora.targets
 
 

@@ -40,7 +40,7 @@ def _x(C, seed=0, h=8, w=8, dtype=torch.float32):
     return torch.randn(2, C, h, w, generator=g, dtype=dtype), torch.tensor([0.9, 0.35], dtype=dtype)
 
 
-# ---- conversions (float64) -------------------------------------------------------------------------------------
+# ---- conversions (float64) ----------------------------------------------------------------------------------------
 def test_pack_unpack_round_trip_and_equal_the_pipelines_packing():
     from diffusers import Flux2KleinPipeline, FluxPipeline
 
@@ -99,7 +99,8 @@ def test_time_shift_equals_the_pipelines_dynamic_shift():
     assert flux1_mu(4096) == pytest.approx(calculate_shift(4096)) == pytest.approx(1.15)
     assert flux2_mu(4096, 4) == pytest.approx(compute_empirical_mu(4096, 4))
     assert flux2_mu(9000, 4) == pytest.approx(compute_empirical_mu(9000, 4))
-    assert flux1_shift(1024, 1024) == pytest.approx(math.exp(1.15)) and flux1_shift(1024, 1024) == pytest.approx(3.158, abs=1e-3)
+    assert flux1_shift(1024, 1024) == pytest.approx(math.exp(1.15))
+    assert flux1_shift(1024, 1024) == pytest.approx(3.158, abs=1e-3)
     assert flux2_shift(1024, 1024, 4) == pytest.approx(9.886, abs=1e-3)
     # dmdr's shifted grid at S = e^mu equals the scheduler's exponential time shift of the same unshifted times
     sched = flux1_scheduler()
@@ -166,7 +167,7 @@ def test_flux2_denoiser_with_cfg_equals_one_flux2kleinpipeline_step(comps):
     assert torch.allclose(out, c.vae.denormalize(x - v), atol=1e-5)
 
 
-# ---- guidance ---------------------------------------------------------------------------------------------------------
+# ---- guidance -----------------------------------------------------------------------------------------------------
 def _record(net):
     calls = []
 
@@ -232,7 +233,7 @@ def test_guidance_per_sample_in_cond_and_flux2_has_no_guidance_embedding(comps):
     assert [k["batch"] for k in calls] == [4, 2] and all(k["guidance"] is None for k in calls)
 
 
-# ---- export -----------------------------------------------------------------------------------------------------------
+# ---- export -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", SMALL)
 def test_export_lora_loads_into_the_diffusers_pipeline_and_matches_the_generator(tmp_path, name):
     shared = FluxSharedBase.from_components(flux_standin_components(name, seed=0))
@@ -261,7 +262,7 @@ def test_export_lora_loads_into_the_diffusers_pipeline_and_matches_the_generator
         assert torch.allclose(theirs(x, t, cond, lora_scale=0.0), base, atol=1e-6)
 
 
-# ---- loading ----------------------------------------------------------------------------------------------------------
+# ---- loading ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_load_from_local_folders_matches_and_refuses_the_distilled_klein(tmp_path):
     for name, loader in (("flux1-dev", load_flux1), ("flux2-klein-4b", load_flux2_klein)):
@@ -297,7 +298,7 @@ def test_sample_with_the_shared_base_uses_the_shifted_grid(comps):
     assert seen == pytest.approx([1.0, S * 0.5 / (1 + (S - 1) * 0.5)], abs=1e-6)
 
 
-# ---- the real configurations ------------------------------------------------------------------------------------------
+# ---- the real configurations --------------------------------------------------------------------------------------
 WIDTH_DEPTH = {"hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "projection_dim",
                "d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_single_layers", "attention_head_dim",
                "axes_dims_rope", "joint_attention_dim", "pooled_projection_dim", "block_out_channels",
@@ -315,7 +316,8 @@ def test_flux_standins_shrink_only_width_and_depth(name):
         assert {k for k in r["config"] if r["config"][k] != s["config"].get(k)} <= WIDTH_DEPTH
     n = small["network"]
     assert sum(n["axes_dims_rope"]) == n["attention_head_dim"]  # the rotary split must cover the head
-    assert len(small["vae"]["block_out_channels"]) == 4 and small["vae"]["latent_channels"] == real["vae"]["latent_channels"]
+    assert len(small["vae"]["block_out_channels"]) == 4
+    assert small["vae"]["latent_channels"] == real["vae"]["latent_channels"]
     assert {k: v for k, v in real.items() if k not in ("network", "vae", "text_encoders")} == \
            {k: v for k, v in small.items() if k not in ("network", "vae", "text_encoders")}
 
@@ -323,7 +325,8 @@ def test_flux_standins_shrink_only_width_and_depth(name):
 def test_flux_real_configs_hold_the_published_values_and_sizes():
     f1, k4, k9 = (real_config(n) for n in FLUX_MODELS)
     assert f1["network"]["guidance_embeds"] is True and f1["guidance"] == 3.5
-    assert (f1["vae"]["scaling_factor"], f1["vae"]["shift_factor"], f1["vae"]["latent_channels"]) == (0.3611, 0.1159, 16)
+    vae = f1["vae"]
+    assert (vae["scaling_factor"], vae["shift_factor"], vae["latent_channels"]) == (0.3611, 0.1159, 16)
     assert [e["class"] for e in f1["text_encoders"]] == ["CLIPTextModel", "T5EncoderModel"]
     assert f1["text_encoders"][1]["config"]["dropout_rate"] == 0.1 and f1["t5_max_sequence_length"] == 512
     for k, width in ((k4, 2560), (k9, 4096)):

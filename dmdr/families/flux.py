@@ -56,7 +56,8 @@ class Flux1Family(_FluxFamily):
         cfg = getattr(getattr(recipe, "dmd", None), "cfg", 1.0)
         if cfg > 1.0:
             raise ValueError(f"dmd.cfg={cfg}: FLUX.1-dev is guidance-distilled (no CFG); its real score is one pass "
-                             f"at the guidance embedding model.guidance (default {FLUX_DEFAULT_GUIDANCE}); set dmd.cfg: 1")
+                             f"at the guidance embedding model.guidance (default {FLUX_DEFAULT_GUIDANCE}); "
+                             f"set dmd.cfg: 1")
 
     def denoiser_kwargs(self, recipe) -> dict:
         g = recipe.model.guidance
