@@ -180,3 +180,26 @@ def test_dry_run_memory_estimate_traces_the_real_flux_networks():
     assert 5 * GIB < plain.detail["activation_bytes_per_image_network"] < 30 * GIB
     k = family("flux2").memory(load_recipe(RECIPES["flux2"]))
     assert k.detail["network_params"] == 3_875_544_576 and k.detail["text_encoder_params"] == 4_022_468_096
+
+
+def test_teacher_sampling_follows_each_flux_schedule():
+    """FLUX.2's teacher runs the pipeline's own sigmas for its step count (the empirical shift depends on it);
+    FLUX.1's teacher refuses CFG (guidance-distilled) and runs at model.guidance."""
+    import numpy as np
+
+    from dmdr.models.flux import flux2_mu, flux2_scheduler
+
+    b = build_bundle(_smoke("flux2"), torch.device("cpu"))
+    seen, handle = [], b.base.net.register_forward_pre_hook(
+        lambda m, a, k: seen.append(round(k["timestep"][0].item(), 6)), with_kwargs=True)
+    try:
+        b.family.sample_teacher(b, b.family.sample_inputs(b, "user", prompts=["a cat"], seed=0), steps=6, cfg=1.0)
+    finally:
+        handle.remove()
+    sched = flux2_scheduler()
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=flux2_mu((64 // 16) ** 2, 6))
+    assert seen == pytest.approx(sched.sigmas[:-1].tolist(), abs=1e-6)
+    assert b.recipe.generator.shift == pytest.approx(flux2_shift(1024, 1024, 4), abs=1e-4)  # untouched
+    f1 = build_bundle(_smoke("flux1"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        f1.family.sample_teacher(f1, f1.family.sample_inputs(f1, "user", prompts=["a cat"], seed=0), steps=2, cfg=3.5)

@@ -59,6 +59,14 @@ class Flux1Family(_FluxFamily):
                              f"at the guidance embedding model.guidance (default {FLUX_DEFAULT_GUIDANCE}); "
                              f"set dmd.cfg: 1")
 
+    def sample_teacher(self, bundle, inputs, *, steps: int, cfg: float = 1.0):
+        """The frozen teacher at its guidance embedding ``model.guidance`` (one pass per step); ``cfg > 1`` is
+        refused (FLUX.1-dev has no CFG). FLUX.1's shift depends on the resolution only: the recipe's holds."""
+        if cfg > 1.0:
+            raise ValueError(f"teacher cfg={cfg}: FLUX.1-dev is guidance-distilled (no CFG); the teacher runs at "
+                             f"model.guidance={bundle.base.guidance}; use cfg 1 and --set model.guidance=G")
+        return super().sample_teacher(bundle, inputs, steps=steps, cfg=cfg)
+
     def denoiser_kwargs(self, recipe) -> dict:
         g = recipe.model.guidance
         return {"t_min": recipe.model.t_min, "guidance": FLUX_DEFAULT_GUIDANCE if g is None else g}
@@ -84,6 +92,20 @@ class Flux2Family(_FluxFamily):
 
     def denoiser_kwargs(self, recipe) -> dict:
         return {"t_min": recipe.model.t_min}
+
+    def sample_teacher(self, bundle, inputs, *, steps: int, cfg: float = 1.0):
+        """The frozen teacher with CFG ``cfg`` on FLUX.2's own schedule for ``steps`` steps: its empirical shift
+        depends on the step count (``compute_empirical_mu``; S = 7.56 for 50 steps at 1024², 9.89 for 4), so the
+        recipe's 4-step ``generator.shift`` is replaced by :func:`~dmdr.models.flux.flux2_shift` (res, res,
+        steps); the grid then equals ``Flux2KleinPipeline``'s sigmas."""
+        import copy
+
+        from dmdr.models.flux import flux2_shift
+
+        view = copy.copy(bundle)
+        view.recipe = bundle.recipe.model_copy(deep=True)
+        view.recipe.generator.shift = flux2_shift(bundle.resolution, bundle.resolution, steps)
+        return super().sample_teacher(view, inputs, steps=steps, cfg=cfg)
 
     def load_local(self, recipe) -> Components:
         from dmdr.models.flux import load_flux2_klein
