@@ -84,7 +84,7 @@ class LoRA(Strict):
 class Model(Strict):
     """The teacher and its family (tiny digits DiT, SD3/SD3.5, SDXL) and how it is loaded."""
 
-    family: Literal["tiny", "sd3", "sdxl"] = "tiny"
+    family: Literal["tiny", "sd3", "sdxl", "flux1", "flux2"] = "tiny"
     teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
                          "directory, or builtin:digits-teacher")
     # tiny DiT architecture (used by task=teacher to build a new model; loaded models carry their own config)
@@ -102,13 +102,16 @@ class Model(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype of the frozen base (T2I)")
     offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
     max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
-    config: Literal["sd3-medium", "sd35-large", "sdxl-base"] | None = Field(
+    config: Literal["sd3-medium", "sd35-large", "sdxl-base", "flux1-dev", "flux2-klein-4b",
+                    "flux2-klein-9b"] | None = Field(
         None, description="shipped real configuration (dmdr/models/configs): --smoke stand-ins and the --dry-run "
         "memory estimate; default: sd3-medium for sd3, sdxl-base for sdxl")
     vae_gradient_checkpointing: bool = Field(False, description="activation checkpointing in the VAE decoder used "
                                              "for reward decoding (T2I)")
     reward_vae: str | None = Field(None, description="local AutoencoderTiny folder (e.g. taesdxl) that decodes "
                                    "images for the rewards instead of the full VAE (T2I; official SDXL set-up)")
+    guidance: float | None = Field(None, gt=0, description="FLUX.1-dev guidance-embedding input of the student, "
+                                   "the fake and the real score (one pass; default 3.5, FluxPipeline's)")
 
     @model_validator(mode="after")
     def _heads_divide(self):

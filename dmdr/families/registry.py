@@ -16,6 +16,8 @@ FAMILIES: dict[str, str] = {
     "tiny": "dmdr.families.digits:DigitsFamily",
     "sd3": "dmdr.families.sd3:SD3Family",
     "sdxl": "dmdr.families.sdxl:SDXLFamily",
+    "flux1": "dmdr.families.flux:Flux1Family",
+    "flux2": "dmdr.families.flux:Flux2Family",
 }
 """Registered families: ``model.family`` value -> ``module:Class``."""
 

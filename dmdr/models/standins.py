@@ -86,6 +86,9 @@ def shrink_config(name: str) -> dict:
 def _network(cfg: dict) -> nn.Module:
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
+    if cfg["network_class"].startswith("Flux"):  # FLUX.1 / FLUX.2 (dmdr.models.flux_standins)
+        from dmdr.models.flux_standins import _network as flux_network
+        return flux_network(cfg)
     cls = {"SD3Transformer2DModel": SD3Transformer2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     return cls[cfg["network_class"]](**cfg["network"])
 
@@ -130,6 +133,9 @@ def standin_components(name: str, *, seed: int = 0, with_reward_vae: bool = Fals
     from dmdr.models.t2i_components import T2IComponents
     from dmdr.models.tiny_text import tiny_clip_tokenizer
 
+    if name.startswith("flux"):  # FLUX.1-dev / FLUX.2-klein stand-ins live in their own module
+        from dmdr.models.flux_standins import flux_standin_components
+        return flux_standin_components(name, seed=seed, **denoiser_kwargs)
     cfg = shrink_config(name)
     L = cfg["tokenizer_max_length"]
     with torch.random.fork_rng(devices=[]):
