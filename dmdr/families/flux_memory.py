@@ -12,28 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def _keyword_sdpa(fn):
-    """Run ``fn`` with ``F.scaled_dot_product_attention`` also accepting ``query=/key=/value=`` keywords (diffusers'
-    native attention backend calls it so; the memory tracer's fused stand-in takes them positionally)."""
-    import torch.nn.functional as F
-
-    def run():
-        patched = F.scaled_dot_product_attention
-
-        def sdpa(*args, **kwargs):
-            if not args:
-                args = (kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value"))
-            return patched(*args, **kwargs)
-
-        F.scaled_dot_product_attention = sdpa
-        try:
-            return fn()
-        finally:
-            F.scaled_dot_product_attention = patched
-
-    return run
-
-
 def flux_network_activation_bytes(name: str, resolution: int, dtype: torch.dtype, *, checkpointing: bool,
                                   text_tokens: int) -> tuple[int, int]:
     """(activation bytes of one image's forward with grad, parameter count) of the real FLUX transformer."""
@@ -63,7 +41,7 @@ def flux_network_activation_bytes(name: str, resolution: int, dtype: torch.dtype
                        img_ids=flux2_image_ids(h2, h2, "meta"), txt_ids=flux2_text_ids(text_tokens, "meta"),
                        return_dict=False)[0]
     params = list(net.parameters())
-    return saved_activation_bytes(_keyword_sdpa(fn), params), sum(p.numel() for p in params)
+    return saved_activation_bytes(fn, params), sum(p.numel() for p in params)
 
 
 def flux_vae_decode_activation_bytes(name: str, resolution: int, dtype: torch.dtype, *, checkpointing: bool
@@ -80,7 +58,7 @@ def flux_vae_decode_activation_bytes(name: str, resolution: int, dtype: torch.dt
         vae.enable_gradient_checkpointing()
     z = _meta((1, cfg["vae"]["latent_channels"], resolution // 8, resolution // 8), dtype, requires_grad=True)
     params = list(vae.parameters())
-    return (saved_activation_bytes(_keyword_sdpa(lambda: vae.decode(z, return_dict=False)[0]), params),
+    return (saved_activation_bytes(lambda: vae.decode(z, return_dict=False)[0], params),
             sum(p.numel() for p in params))
 
 

@@ -104,7 +104,8 @@ def _fused_attention():
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, *args, **kwargs):
+    def sdpa(*args, **kwargs):  # positional (q, k, v) or diffusers' native backend's query=/key=/value=
+        q, k, v = (list(args[:3]) + [kwargs.get(n) for n in ("query", "key", "value")[len(args[:3]):]])
         return _FusedAttention.apply(q, k, v)
 
     F.scaled_dot_product_attention = sdpa
