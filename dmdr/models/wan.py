@@ -200,7 +200,8 @@ def export_wan_lora(net: nn.Module, out_dir: str | Path, *, adapter: str = "gene
     from diffusers import WanPipeline
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(net, adapter_name=adapter)
+    state = get_peft_model_state_dict(net, adapter_name=adapter) if adapter in getattr(net, "peft_config", {}) \
+        else {}
     if not state:
         raise ValueError(f"the Wan transformer has no LoRA adapter named {adapter!r}")
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
