@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "tiny": "dmdr.families.digits:DigitsFamily",
     "sd3": "dmdr.families.sd3:SD3Family",
     "sdxl": "dmdr.families.sdxl:SDXLFamily",
+    "wan": "dmdr.families.wan:WanFamily",
 }
 """Registered families: ``model.family`` value -> ``module:Class``."""
 

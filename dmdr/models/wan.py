@@ -40,8 +40,10 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (LORA_WEIGHT_NAME, PROMPT_EMBEDS, DiffusersDenoiser, LoraSpec, T2IComponents,
-                             TextEncoderStack, _lora_metadata, check_local_model_dir, tiny_clip_tokenizer)
+from dmdr.models.t2i_components import (PROMPT_EMBEDS, DiffusersDenoiser, LoraSpec, T2IComponents, TextEncoderStack,
+                                        check_local_model_dir)
+from dmdr.models.t2i_export import LORA_WEIGHT_NAME, _lora_metadata
+from dmdr.models.tiny_text import tiny_clip_tokenizer
 from dmdr.paths import FlowMatching
 
 WAN_NAME = "wan2.1-t2v-1.3b"
@@ -50,6 +52,8 @@ WAN_MAX_SEQUENCE_LENGTH = 512
 WAN_FLOW_SHIFT = 3.0
 """WanPipeline example's ``flow_shift`` for 480P (5.0 for 720P)."""
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+WAN_FPS = 16
+"""Frame rate of Wan2.1 clips (WanPipeline's example writes ``export_to_video(..., fps=16)``)."""
 
 
 def wan_timestep(t: Tensor, *, rounded: bool = False) -> Tensor:
@@ -76,6 +80,7 @@ class WanDenoiser(DiffusersDenoiser):
 
     family = "wan"
     network_subfolder = "transformer"
+    PIPELINE_CLASS = "WanPipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=WAN_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=WAN_LORA_TARGETS)
 
@@ -195,9 +200,9 @@ def export_wan_lora(net: nn.Module, out_dir: str | Path, *, adapter: str = "gene
 
     ``out_dir/pytorch_lora_weights.safetensors`` holds ``transformer.``-prefixed peft keys
     (``transformer.blocks.0.attn1.to_q.lora_A.weight``) and the LoRA config in the metadata, written by
-    ``WanPipeline.save_lora_weights``. Load with ``WanPipeline.load_lora_weights(out_dir)``. Returns the file.
+    ``WanPipeline.save_lora_weights`` (:meth:`WanDenoiser.save_lora_weights`, the same path as the trainer's
+    export). Load with ``WanPipeline.load_lora_weights(out_dir)``. Returns the file.
     """
-    from diffusers import WanPipeline
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(net, adapter_name=adapter) if adapter in getattr(net, "peft_config", {}) \
@@ -207,8 +212,7 @@ def export_wan_lora(net: nn.Module, out_dir: str | Path, *, adapter: str = "gene
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    WanPipeline.save_lora_weights(out, transformer_lora_layers=state,
-                                  transformer_lora_adapter_metadata=_lora_metadata(net, adapter))
+    WanDenoiser.save_lora_weights(out, state, _lora_metadata(net, adapter))
     return out / LORA_WEIGHT_NAME
 
 
@@ -312,7 +316,7 @@ def load_wan(path: str | Path | None, *, dtype: torch.dtype | None = None, devic
     return comps
 
 
-__all__ = ["WanDenoiser", "WanTextEncoder", "WAN_NAME", "WAN_T_MIN", "WAN_FLOW_SHIFT", "WAN_LORA_TARGETS",
+__all__ = ["WanDenoiser", "WanTextEncoder", "WAN_NAME", "WAN_FPS", "WAN_T_MIN", "WAN_FLOW_SHIFT", "WAN_LORA_TARGETS",
            "WAN_MAX_SEQUENCE_LENGTH", "wan_timestep", "latent_frames", "decode_wan_latents", "encode_wan_video",
            "export_wan_lora", "wan_real_config", "shrink_wan_config", "build_wan_network", "build_wan_vae",
            "build_wan_standin", "real_wan_network", "load_wan"]
