@@ -102,7 +102,8 @@ def estimate_wan_memory(recipe, name: str) -> MemoryEstimate:
         act_net, n_net = wan_activation_bytes(name, H, W, F, dtype, checkpointing=m.gradient_checkpointing,
                                               text_tokens=m.max_sequence_length)
         has_rewards = any(st.rewards for st in recipe.stages)
-        act_dec, n_vae = wan_decode_activation_bytes(name, H, W, F, torch.float32) if has_rewards else (0, 0)
+        F_dec = F if m.reward_frames is None else 4 * (m.reward_frames - 1) + 1  # model.reward_frames (causal VAE)
+        act_dec, n_vae = wan_decode_activation_bytes(name, H, W, F_dec, torch.float32) if has_rewards else (0, 0)
         if not has_rewards:
             from dmdr.models.wan import build_wan_vae, wan_real_config
 
@@ -122,7 +123,7 @@ def estimate_wan_memory(recipe, name: str) -> MemoryEstimate:
     for st in recipe.stages:
         B = st.batch_size
         peak = max(peak, B * act_net, B * act_net + (B * act_dec if st.rewards else 0))
-    detail = {"config": name, "resolution": f"{H}x{W}x{F}", "network_params": n_net, "text_encoder_params": n_text,
+    detail = {"config": name, "resolution": f"{H}x{W}x{F}", "reward_decode_frames": F_dec if has_rewards else 0, "network_params": n_net, "text_encoder_params": n_text,
               "vae_params": n_vae, "reward_params": n_reward, "lora_params": n_lora, "full_generator_params": n_full,
               "activation_bytes_per_clip_network": act_net, "activation_bytes_per_clip_decode": act_dec,
               "text_encoders_on_gpu": text_on_gpu}
