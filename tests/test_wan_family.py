@@ -137,13 +137,23 @@ def test_trainer_smoke_run_and_dmdr_sample(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    sets = [a for o in [*SMOKE[1:], "stages.0.steps=1", "stages.1.steps=1"] for a in ("--set", o)]
+    monitors = ["monitors.every=1", "monitors.seeds=2",
+                "monitors.checks=[{kind: diversity, threshold: 0.9}, {kind: heldout_reward, threshold: 0.9, "
+                "reward: {name: plugin, kwargs: {target: 'dmdr.rewards.plugin:temporal_smoothness', "
+                "differentiable: true, video: true}}}]"]
+    sets = [a for o in [*SMOKE[1:], "stages.0.steps=1", "stages.1.steps=1", "model.reward_frames=2", *monitors]
+            for a in ("--set", o)]
     res = runner.invoke(app, ["train", str(RECIPE), "--smoke", "--out", str(run), *sets])
     assert res.exit_code == 0, res.stderr
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["stage"] for x in recs] == ["cold_start", "refl"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [x for x in lines if "stage" in x]
+    mons = [x for x in lines if "monitor_diversity" in x]
+    assert [x["stage"] for x in recs] == ["cold_start", "refl"] and len(mons) == 3
     assert all(math.isfinite(v) for x in recs for k, v in x.items() if k.startswith("loss_"))
-    assert "reward_clip" in recs[1]  # the per-frame reward of stage 2 (reward_frames: 1 from the recipe)
+    assert "reward_clip" in recs[1]  # stage 2's CLIP reward, per frame on the decoded clips
+    # monitors on clips: diversity over all frames, a video-reward plug-in on whole clips
+    assert all(math.isfinite(x["monitor_diversity"]) and x["monitor_diversity"] > 0 for x in mons)
+    assert all(x["monitor_heldout_plugin"] < 0 for x in mons)  # 5 frames (reward_frames=2): real motion
     lora = load_file(run / "student_lora" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("transformer.blocks.") and k.endswith("lora_B.weight") and v.abs().sum() > 0
                for k, v in lora.items())  # the generator moved from its zero init

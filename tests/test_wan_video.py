@@ -90,7 +90,7 @@ def test_video_reward_plugin_gets_whole_clips():
     assert r.spec.video
     still = torch.rand(2, 1, 1, 8, 8).expand(2, 1, 4, 8, 8)
     moving, _, _ = moving_digits(torch.rand(2, 1, 8, 8), torch.zeros(2), frames=4, direction=torch.tensor([1, -1]))
-    assert torch.equal(r(still), torch.zeros(2))
+    assert torch.equal(r(still), torch.zeros(2)) and torch.equal(r(still[:, :, :1]), torch.zeros(2))  # one frame: 0, not NaN
     assert torch.all(r(moving) < 0)
     with pytest.raises(ValueError, match="video reward: it takes clips"):
         r(torch.rand(2, 1, 8, 8))

@@ -133,8 +133,14 @@ def mean_brightness() -> Callable[[Tensor, Any], Tensor]:
 
 def temporal_smoothness() -> Callable[[Tensor, Any], Tensor]:
     """Example video-reward factory (declare ``video: true``): clips (B, C, F, H, W) →
-    ``r = -mean_{C,F-1,H,W} |x[:, :, f+1] - x[:, :, f]|`` (0 for a still clip, lower for flicker)."""
-    return lambda videos, cond: -(videos[:, :, 1:] - videos[:, :, :-1]).abs().flatten(1).mean(1)
+    ``r = -mean_{C,F-1,H,W} |x[:, :, f+1] - x[:, :, f]|`` (0 for a still clip or a single frame, lower for
+    flicker)."""
+    def score(videos: Tensor, cond: Any) -> Tensor:
+        if videos.shape[2] < 2:
+            return videos.new_zeros(videos.shape[0])
+        return -(videos[:, :, 1:] - videos[:, :, :-1]).abs().flatten(1).mean(1)
+
+    return score
 
 
 __all__ = ["FunctionReward", "resolve_target", "build_plugin", "mean_brightness", "temporal_smoothness"]
