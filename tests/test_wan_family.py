@@ -171,3 +171,23 @@ def test_trainer_smoke_run_and_dmdr_sample(tmp_path, monkeypatch):
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "dmdr[video]" in lines[0]
     assert not (tmp_path / "a.mp4").exists()
+
+
+def test_dmdr_eval_on_a_video_run(tmp_path):
+    """`dmdr eval --run` on a Wan smoke run: the CLIP score of a clip is the mean of its frames' scores, i.e.
+    100 × the per-frame CLIP reward, and the side-by-side grid has one clip per row."""
+    from PIL import Image
+
+    run = tmp_path / "run"
+    sets = [a for o in [*SMOKE[1:], "stages.0.steps=1", "stages.1.steps=1"] for a in ("--set", o)]
+    res = runner.invoke(app, ["train", str(RECIPE), "--smoke", "--out", str(run), *sets])
+    assert res.exit_code == 0, res.stderr
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    res = runner.invoke(app, ["eval", "--run", str(run), "--prompts", str(prompts), "--teacher-steps", "1",
+                              "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.stderr
+    out = json.loads((tmp_path / "e.json").read_text())
+    for side in ("student", "teacher_metrics"):
+        assert math.isclose(out[side]["clip_score"], 100 * out[side]["reward_clip"], rel_tol=1e-3)
+    assert Image.open(out["grid"]).size[1] == 2 * 2 * 2 * (64 + 2) + 2  # 2 prompts × (2 student + 2 teacher) clips
