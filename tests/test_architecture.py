@@ -55,3 +55,13 @@ def test_only_the_registry_reads_model_family():
     bad = {p.relative_to(root).as_posix(): lines for p in files
            if p.relative_to(PKG.parent).as_posix() != "dmdr/families/registry.py" and (lines := _family_reads(p))}
     assert not bad, f"model.family / .extra read outside the registry: {bad}"
+
+
+def test_trainers_monitors_and_t2i_eval_import_no_family_module():
+    """They reach models only through the Family (and the family-neutral lora / weights helpers)."""
+    neutral = ("dmdr.models.lora", "dmdr.models.weights", "dmdr.models.full_critic")
+    for rel in ("train/dmdr.py", "train/grpo.py", "train/monitoring.py", "eval/t2i.py"):
+        bad = [m for m in _imports(PKG / rel) if (m.startswith("dmdr.models") and m not in neutral)
+               or m.startswith("dmdr.families.") and m not in ("dmdr.families.base", "dmdr.families.registry")
+               or m == "dmdr.data.digits"]
+        assert not bad, f"{rel} imports {bad}"
