@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from dmdr.models.t2i import PROMPT_EMBEDS, SharedBaseT2I, clean_network_copy  # noqa: E402
-from dmdr.models.wan import (WAN_NAME, WanDenoiser, build_wan_standin, decode_wan_latents,  # noqa: E402
+from dmdr.models.wan import (WAN_NAME, WanDenoiser, build_wan_standin, decode_wan_latents, wan_timestep,  # noqa: E402
                              encode_wan_video, export_wan_lora, latent_frames, load_wan, real_wan_network,
                              shrink_wan_config, wan_real_config)
 
@@ -148,3 +148,27 @@ def test_load_wan_from_a_local_folder(tmp_path, comps):
     with pytest.raises(FileNotFoundError, match="no such local folder"):
         load_wan(tmp_path / "missing")
     assert WAN_NAME == "wan2.1-t2v-1.3b"
+
+
+def test_time_path_matches_wans_shifted_flow_sigmas():
+    """Wan's scheduler (UniPC, use_flow_sigmas) maps σ -> s σ / (1 + (s - 1) σ), the map of dmdr's few-step grid,
+    and feeds int64(1000 σ); dmdr feeds 1000 t (less than one timestep apart)."""
+    import numpy as np
+    from diffusers import UniPCMultistepScheduler
+
+    from dmdr.models.wan import WAN_FLOW_SHIFT
+    from dmdr.schedules import few_step_grid
+
+    s = WAN_FLOW_SHIFT
+    sch = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                  flow_shift=s)
+    sch.set_timesteps(4)
+    sig = sch.sigmas[:-1].double().numpy()
+    base = sig / (s - (s - 1) * sig)  # the inverse of the shift map
+    assert np.allclose(np.diff(base), np.diff(base)[0], atol=1e-6)  # the scheduler shifts a linspace
+    grid = few_step_grid(4, shift=s).numpy()
+    lin = np.linspace(1, 0, 5)
+    assert np.allclose(grid[:-1], s * lin[:-1] / (1 + (s - 1) * lin[:-1]))  # dmdr: the same map
+    t = torch.as_tensor(sig)
+    assert torch.all((sch.timesteps.double() - 1000 * t).abs() < 1)
+    assert torch.allclose(wan_timestep(t.float()), 1000 * t.float())
