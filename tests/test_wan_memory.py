@@ -25,3 +25,18 @@ def test_vae_decode_trace_scales_with_decoded_frames():
     d5, _ = wan_decode_activation_bytes(NAME, 64, 64, 5, torch.float32)
     assert n_vae == 126_892_531 and d5 > 3 * d1 > 0
     assert umt5_params(NAME) == 5_680_910_336
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_recipe_bounds_the_reward_decode():
+    from pathlib import Path
+
+    from dmdr.families import family
+    from dmdr.recipes import load_recipe
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "wan2.1-t2v-1.3b-4step.yaml"
+    one = family("wan").memory(load_recipe(recipe))
+    every = family("wan").memory(load_recipe(recipe, ["model.reward_frames=null"]))
+    assert one.detail["reward_decode_frames"] == 1 and every.detail["reward_decode_frames"] == 81
+    assert one.weights == every.weights and every.activations > 20 * one.activations
+    assert one.detail["network_params"] == 1_418_996_800 and one.detail["resolution"] == "480x832x81"
