@@ -68,7 +68,9 @@ def test_prompt_rewards_repeat_prompts_per_frame():
 
     assert repeat_per_frame(["a", "b"], 3) == ["a", "a", "a", "b", "b", "b"]
     assert repeat_per_frame(torch.tensor([1, 2]), 2).tolist() == [1, 1, 2, 2]
-    assert repeat_per_frame(None, 4) is None
+    assert repeat_per_frame(None, 4) is None and repeat_per_frame("one prompt", 4) == "one prompt"
+    td = TensorDict({"e": torch.arange(2.0)[:, None]}, batch_size=[2])
+    assert repeat_per_frame(td, 2)["e"][:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
     seen = {}
 
     def spy(images, cond):

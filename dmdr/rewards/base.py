@@ -61,9 +61,10 @@ class Reward(nn.Module):
 
 def repeat_per_frame(cond: Any, frames: int) -> Any:
     """``cond`` of a batch of B clips as the conditioning of their B·F frames (clip-major): tensors and TensorDicts
-    are repeated along dim 0 (``repeat_interleave``), lists/tuples element by element; ``None`` stays ``None``."""
-    if cond is None:
-        return None
+    are repeated along dim 0 (``repeat_interleave``), lists/tuples element by element; ``None`` and a single string
+    (which text rewards repeat over the batch) stay as they are."""
+    if cond is None or isinstance(cond, str):
+        return cond
     if isinstance(cond, (list, tuple)):
         return [c for c in cond for _ in range(frames)]
     return cond.repeat_interleave(frames, dim=0)

@@ -5,8 +5,9 @@ The target is imported and called with ``kwargs``; it must return either
 * a :class:`~dmdr.rewards.base.Reward` (its own ``spec`` is used; any property the recipe also declares must agree), or
 * a plain function ``fn(images, cond) -> (B,)`` (tensor, array or list), wrapped into a :class:`FunctionReward`
   whose spec is what the recipe declares: ``differentiable`` (required), ``reads_prompts``, ``reads_labels``,
-  ``input_range``, ``resolution``, ``video`` (a video reward: ``fn`` receives whole clips (B, C, F, H, W); without it,
-  clips are scored frame by frame and averaged over frames). Non-differentiable functions are called under ``torch.no_grad``.
+  ``input_range``, ``resolution``, ``video`` (a video reward: ``fn`` receives whole clips (B, C, F, H, W); without
+  it, clips are scored frame by frame and averaged over frames). Non-differentiable functions are called under
+  ``torch.no_grad``.
 
 Recipe example (a reward term's ``kwargs`` are this factory's arguments)::
 
@@ -90,8 +91,8 @@ def build_plugin(target: str, differentiable: bool | None = None, reads_prompts:
     Args:
         target: ``"package.module:callable"``; the callable returns a Reward or a function ``(images, cond) -> (B,)``.
         differentiable, reads_prompts, reads_labels, input_range, resolution, video: the declared spec. Required
-            (``differentiable``) or defaulted (False, False, (0, 1), None, False) for functions; checked against the spec
-            of a returned Reward.
+            (``differentiable``) or defaulted (False, False, (0, 1), None, False) for functions; checked against
+            the spec of a returned Reward.
         kwargs: keyword arguments for the callable.
         label: the log name of a wrapped function (default: the factory name).
         device: the returned reward is moved there.

@@ -123,7 +123,8 @@ def estimate_wan_memory(recipe, name: str) -> MemoryEstimate:
     for st in recipe.stages:
         B = st.batch_size
         peak = max(peak, B * act_net, B * act_net + (B * act_dec if st.rewards else 0))
-    detail = {"config": name, "resolution": f"{H}x{W}x{F}", "reward_decode_frames": F_dec if has_rewards else 0, "network_params": n_net, "text_encoder_params": n_text,
+    detail = {"config": name, "resolution": f"{H}x{W}x{F}", "reward_decode_frames": F_dec if has_rewards else 0,
+              "network_params": n_net, "text_encoder_params": n_text,
               "vae_params": n_vae, "reward_params": n_reward, "lora_params": n_lora, "full_generator_params": n_full,
               "activation_bytes_per_clip_network": act_net, "activation_bytes_per_clip_decode": act_dec,
               "text_encoders_on_gpu": text_on_gpu}
