@@ -191,3 +191,17 @@ def test_dmdr_eval_on_a_video_run(tmp_path):
     for side in ("student", "teacher_metrics"):
         assert math.isclose(out[side]["clip_score"], 100 * out[side]["reward_clip"], rel_tol=1e-3)
     assert Image.open(out["grid"]).size[1] == 2 * 2 * 2 * (64 + 2) + 2  # 2 prompts × (2 student + 2 teacher) clips
+
+
+def test_grpo_on_video_scores_one_log_prob_per_clip_transition(tmp_path):
+    """task: grpo through the Wan family: the policy's Gaussian covers (C, F, H, W) (event_dim 4), so each
+    transition has one log-probability and the on-policy ratio is 1."""
+    run = tmp_path / "grpo"
+    sets = ["model.family=wan", "model.config=wan2.1-t2v-1.3b", "model.t_min=0", "model.max_sequence_length=16",
+            "logging.progress=false", "iterations=1"]
+    res = runner.invoke(app, ["train", str(ROOT / "recipes" / "sd3-medium-grpo.yaml"), "--smoke", "--out", str(run),
+                              *[a for o in sets for a in ("--set", o)]])
+    assert res.exit_code == 0, res.stderr
+    rec = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"ppo_updates"' in line]
+    assert len(rec) == 1 and rec[0]["ppo_updates"] > 0
+    assert abs(rec[0]["mean_ratio"] - 1) < 1e-4 and math.isfinite(rec[0]["loss_objective"])
