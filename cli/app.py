@@ -347,6 +347,10 @@ def _sample_prompt_run(fam, run: Path, prompt: List[str], prompts_file: Optional
     if out.suffix not in fam.sample_suffixes:
         fail(f"--out {out}: model.family={fam.name} samples are written as {' or '.join(fam.sample_suffixes)} "
              f"(e.g. --out samples{fam.sample_suffixes[0]})")
+    if out.suffix in (".mp4", ".gif"):  # a video file: .mp4 without the encoder fails now, not after sampling
+        from dmdr.video import check_video_suffix
+
+        check_video_suffix(out)
     if not prompt and prompts_file is None:
         fail("a text-to-image run needs --prompt TEXT (repeatable) or --prompts FILE")
     from dmdr.data.prompts import load_prompts

@@ -84,7 +84,7 @@ class LoRA(Strict):
 class Model(Strict):
     """The teacher and its family (tiny digits DiT, SD3/SD3.5, SDXL) and how it is loaded."""
 
-    family: Literal["tiny", "sd3", "sdxl", "flux1", "flux2"] = "tiny"
+    family: Literal["tiny", "sd3", "sdxl", "flux1", "flux2", "wan"] = "tiny"
     teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
                          "directory, or builtin:digits-teacher")
     # tiny DiT architecture (used by task=teacher to build a new model; loaded models carry their own config)
@@ -103,7 +103,7 @@ class Model(Strict):
     offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
     max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
     config: Literal["sd3-medium", "sd35-large", "sdxl-base", "flux1-dev", "flux2-klein-4b",
-                    "flux2-klein-9b"] | None = Field(
+                    "flux2-klein-9b", "wan2.1-t2v-1.3b"] | None = Field(
         None, description="shipped real configuration (dmdr/models/configs): --smoke stand-ins and the --dry-run "
         "memory estimate; default: sd3-medium for sd3, sdxl-base for sdxl")
     vae_gradient_checkpointing: bool = Field(False, description="activation checkpointing in the VAE decoder used "
@@ -112,6 +112,12 @@ class Model(Strict):
                                    "images for the rewards instead of the full VAE (T2I; official SDXL set-up)")
     guidance: float | None = Field(None, gt=0, description="FLUX.1-dev guidance-embedding input of the student, "
                                    "the fake and the real score (one pass; default 3.5, FluxPipeline's)")
+    # video families (wan): frames per clip, the clip width (None: square), frames the rewards decode
+    num_frames: int = Field(1, ge=1, description="video: frames per clip (Wan: 4k + 1, e.g. 81)")
+    width: int | None = Field(None, ge=8, description="video: frame width in pixels (None: model.resolution)")
+    reward_frames: int | None = Field(None, ge=1, description="video: decode only the first k latent frames "
+                                      "(the first 4(k-1)+1 frames; exact, the VAE is causal) for the rewards; "
+                                      "None: every frame")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -13,8 +13,12 @@ def save_grid(images01: torch.Tensor, path: str | Path, *, nrow: int, scale: int
     """Save (N,C,H,W) images in [0,1] as a grid with ``nrow`` images per row, upscaled ``scale``× (nearest).
 
     ``row_labels`` (one per row) are written in a left margin. Grayscale for C=1, RGB for C=3. Atomic write.
+    Clips (N,C,F,H,W) are laid out one clip per row, its F frames left to right (``nrow`` is then F).
     """
     x = images01.detach().float().clamp(0, 1).cpu()
+    if x.ndim == 5:
+        N, C, F, H, W = x.shape
+        x, nrow = x.transpose(1, 2).reshape(N * F, C, H, W), F
     n, c, h, w = x.shape
     rows = (n + nrow - 1) // nrow
     H, W = h * scale, w * scale

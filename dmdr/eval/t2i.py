@@ -141,7 +141,10 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
             v = r(images, cond).float().cpu()
             out[f"reward_{n}"] = float(v.mean())
             per[f"reward_{n}"] = v.view(seeds, P).mean(0).tolist()
-        emb = clip.encoder.encode_image(images).float().cpu()
+        frames = images.transpose(1, 2).flatten(0, 1) if images.ndim == 5 else images  # clips: every frame
+        emb = clip.encoder.encode_image(frames).float().cpu()
+        if images.ndim == 5:  # the CLIP score is linear in emb: the mean frame embedding gives the per-frame mean
+            emb = emb.view(images.shape[0], images.shape[2], -1).mean(1)
         txt = clip.encoder.encode_text(cond).float().cpu()
         cs = 100 * (emb * txt).sum(-1)
         out["clip_score"], per["clip_score"] = float(cs.mean()), cs.view(seeds, P).mean(0).tolist()
@@ -158,8 +161,10 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
         for i in range(P):
             rows += [student[s][i] for s in range(seeds)] + [teacher[s][i] for s in range(seeds)]
         res = student[0].shape[-1]
+        clips = rows[0].ndim == 4  # video: one clip per row (its frames across), student rows then teacher rows
+        labels = [str(i) for i in range(P) for _ in range(2 * seeds)] if clips else [str(i) for i in range(P)]
         grid_path = str(save_grid(torch.stack(rows).cpu(), grid, nrow=2 * seeds, scale=max(1, 64 // res),
-                                  row_labels=[str(i) for i in range(P)]))
+                                  row_labels=labels))
     per_prompt = [{"prompt": p, "student": {k: v[i] for k, v in s_per.items()},
                    "teacher": {k: v[i] for k, v in t_per.items()}} for i, p in enumerate(prompts)]
     return {"run": str(run), "checkpoint": str(ck), "prompts": len(prompts), "seeds": seeds,

@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "sdxl": "dmdr.families.sdxl:SDXLFamily",
     "flux1": "dmdr.families.flux:Flux1Family",
     "flux2": "dmdr.families.flux:Flux2Family",
+    "wan": "dmdr.families.wan:WanFamily",
 }
 """Registered families: ``model.family`` value -> ``module:Class``."""
 

@@ -131,11 +131,12 @@ class StudentStep(nn.Module):
 
 
 def make_student_actor(model: Any, owner: nn.Module | None = None, *, final_std: float, noise_scale: float = 1.0,
-                       log_prob_reduce: Reduce = "mean", sde: str = "dmd2",
+                       log_prob_reduce: Reduce = "mean", sde: str = "dmd2", event_dim: int = 3,
                        keys: PolicyKeys = PolicyKeys()) -> ProbabilisticActor:
     """The student as a torchrl ``ProbabilisticActor``: ``IndependentNormal(event_dim=3)`` (``sum``) or
     :class:`MeanIndependentNormal` (``mean``). Reads ``x, t, t_next, last, cond``; writes ``loc, scale`` and,
-    when called, ``action`` and ``action_log_prob`` (T,).
+    when called, ``action`` and ``action_log_prob`` (T,). ``event_dim`` = the sample's dims: 3 for images (C, H, W),
+    4 for video (C, F, H, W).
 
     Calling the actor samples only under ``torchrl.envs.utils.set_exploration_type(ExplorationType.RANDOM)``;
     its default interaction type returns the mean (then ``action == loc``). The trainer never samples through
@@ -147,7 +148,8 @@ def make_student_actor(model: Any, owner: nn.Module | None = None, *, final_std:
     module = TensorDictModule(step, in_keys=[keys.x, keys.t, keys.t_next, keys.last, keys.cond],
                               out_keys=[keys.loc, keys.scale])
     return ProbabilisticActor(module, in_keys=[keys.loc, keys.scale], out_keys=[keys.action],
-                              distribution_class=DISTRIBUTIONS[log_prob_reduce], distribution_kwargs={"event_dim": 3},
+                              distribution_class=DISTRIBUTIONS[log_prob_reduce],
+                              distribution_kwargs={"event_dim": int(event_dim)},
                               return_log_prob=True, log_prob_key=keys.log_prob)
 
 
@@ -155,7 +157,8 @@ def check_log_prob_shape(log_prob: Tensor, batch: int) -> Tensor:
     """Raise unless ``log_prob`` is per transition, shape (T,) — the guard against a wrong ``event_dim``."""
     if tuple(log_prob.shape) != (batch,):
         raise ValueError(f"policy log-prob has shape {tuple(log_prob.shape)}, expected ({batch},): the distribution "
-                         f"must reduce over all C,H,W dims (IndependentNormal with event_dim=3)")
+                         f"must reduce over every sample dim (IndependentNormal with event_dim=3 for (C, H, W), "
+                         f"event_dim=4 for video (C, F, H, W))")
     return log_prob
 
 

@@ -3,7 +3,7 @@
 A *denoiser* is anything callable as ``model(x_t, t, cond) -> prediction`` that declares its parameterisation
 through a ``path`` attribute (:class:`dmdr.paths.FlowMatching` or :class:`dmdr.paths.DDPMEps`):
 
-* ``x_t``: (B, C, H, W) noisy sample (latents for the diffusers families);
+* ``x_t``: (B, C, H, W) noisy sample (latents for the diffusers families; (B, C, F, H, W) clips for video);
 * ``t``: (B,) continuous time in [0, 1], ``t = 1`` pure noise; each adapter maps it to its network's timestep;
 * ``cond``: (B, ...) conditioning — class labels (B,) long for the digits model, or a TensorDict of
   prompt embeddings for text-to-image adapters. ``model.null_cond(cond)`` returns the unconditional batch

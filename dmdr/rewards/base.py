@@ -4,6 +4,9 @@ A reward is an ``nn.Module`` with a :class:`RewardSpec` and
 ``forward(images, cond) -> (B,)`` scores (higher is better), where
 
 * ``images``: (B, C, H, W) float tensor in ``spec.input_range`` (decoded pixels, not latents);
+* **videos** (B, C, F, H, W): an image reward scores every frame and returns the mean over frames,
+  ``r(video) = (1/F) Σ_f r(video[:, :, f])`` (``cond`` repeated per frame); a reward whose spec says
+  ``video=True`` (a video-reward plug-in) receives the whole clip instead and must return (B,);
 * ``cond``: what the reward reads — class labels (B,) long for class-conditional rewards, a list of B prompt
   strings for text rewards, or ``None`` when ``spec.reads_prompts`` / ``spec.reads_labels`` are both False.
 
@@ -33,6 +36,7 @@ class RewardSpec:
     resolution: int | None = None  # the side the reward resizes to internally (None: any size)
     reads_prompts: bool = False
     reads_labels: bool = False
+    video: bool = False  # takes whole clips (B, C, F, H, W); False: an image reward, applied per frame to clips
 
 
 class Reward(nn.Module):
@@ -44,10 +48,34 @@ class Reward(nn.Module):
         raise NotImplementedError
 
     def forward(self, images: Tensor, cond: Any = None) -> Tensor:
+        if images.ndim == 5 and not self.spec.video:
+            return per_frame_mean(self, images, cond)
+        if self.spec.video and images.ndim != 5:
+            raise ValueError(f"reward {self.spec.name!r} is a video reward: it takes clips (B, C, F, H, W); "
+                             f"got shape {tuple(images.shape)}")
         r = self.score(images, cond)
         if r.ndim != 1 or r.shape[0] != images.shape[0]:
             raise ValueError(f"reward {self.spec.name!r} returned shape {tuple(r.shape)}; expected ({images.shape[0]},)")
         return r
+
+
+def repeat_per_frame(cond: Any, frames: int) -> Any:
+    """``cond`` of a batch of B clips as the conditioning of their B·F frames (clip-major): tensors and TensorDicts
+    are repeated along dim 0 (``repeat_interleave``), lists/tuples element by element; ``None`` and a single string
+    (which text rewards repeat over the batch) stay as they are."""
+    if cond is None or isinstance(cond, str):
+        return cond
+    if isinstance(cond, (list, tuple)):
+        return [c for c in cond for _ in range(frames)]
+    return cond.repeat_interleave(frames, dim=0)
+
+
+def per_frame_mean(reward: Reward, videos: Tensor, cond: Any = None) -> Tensor:
+    """Score clips (B, C, F, H, W) with an image reward: frames (B·F, C, H, W) → scores (B, F) → mean over F, (B,).
+    Differentiable when the reward is (the reshapes keep the graph)."""
+    B, C, F, H, W = videos.shape
+    frames = videos.transpose(1, 2).reshape(B * F, C, H, W)
+    return reward(frames, repeat_per_frame(cond, F)).view(B, F).mean(1)
 
 
 class UnknownRewardError(ValueError):

@@ -5,7 +5,9 @@ The target is imported and called with ``kwargs``; it must return either
 * a :class:`~dmdr.rewards.base.Reward` (its own ``spec`` is used; any property the recipe also declares must agree), or
 * a plain function ``fn(images, cond) -> (B,)`` (tensor, array or list), wrapped into a :class:`FunctionReward`
   whose spec is what the recipe declares: ``differentiable`` (required), ``reads_prompts``, ``reads_labels``,
-  ``input_range``, ``resolution``. Non-differentiable functions are called under ``torch.no_grad``.
+  ``input_range``, ``resolution``, ``video`` (a video reward: ``fn`` receives whole clips (B, C, F, H, W); without
+  it, clips are scored frame by frame and averaged over frames). Non-differentiable functions are called under
+  ``torch.no_grad``.
 
 Recipe example (a reward term's ``kwargs`` are this factory's arguments)::
 
@@ -83,14 +85,14 @@ def resolve_target(target: str) -> Callable[..., Any]:
 def build_plugin(target: str, differentiable: bool | None = None, reads_prompts: bool | None = None,
                  reads_labels: bool | None = None, input_range: Sequence[float] | None = None,
                  resolution: int | None = None, kwargs: Mapping[str, Any] | None = None, label: str | None = None,
-                 device: str = "cpu") -> Reward:
+                 device: str = "cpu", video: bool | None = None) -> Reward:
     """Import ``target``, call it with ``kwargs`` and return a :class:`Reward`.
 
     Args:
         target: ``"package.module:callable"``; the callable returns a Reward or a function ``(images, cond) -> (B,)``.
-        differentiable, reads_prompts, reads_labels, input_range, resolution: the declared spec. Required
-            (``differentiable``) or defaulted (False, False, (0, 1), None) for functions; checked against the spec
-            of a returned Reward.
+        differentiable, reads_prompts, reads_labels, input_range, resolution, video: the declared spec. Required
+            (``differentiable``) or defaulted (False, False, (0, 1), None, False) for functions; checked against
+            the spec of a returned Reward.
         kwargs: keyword arguments for the callable.
         label: the log name of a wrapped function (default: the factory name).
         device: the returned reward is moved there.
@@ -103,7 +105,7 @@ def build_plugin(target: str, differentiable: bool | None = None, reads_prompts:
                         f"{sorted((kwargs or {}).keys())}: {e}") from e
     declared = {"differentiable": differentiable, "reads_prompts": reads_prompts, "reads_labels": reads_labels,
                 "input_range": None if input_range is None else tuple(float(v) for v in input_range),
-                "resolution": resolution}
+                "resolution": resolution, "video": video}
     if isinstance(made, Reward):
         for key, value in declared.items():
             if value is not None and getattr(made.spec, key) != value:
@@ -121,7 +123,7 @@ def build_plugin(target: str, differentiable: bool | None = None, reads_prompts:
         raise UserError(f"plugin reward target {target!r}: input_range must be [low, high]; got {list(rng)}")
     spec = RewardSpec(name=label or target.split(":")[1].split(".")[-1], differentiable=bool(differentiable),
                       input_range=(rng[0], rng[1]), resolution=resolution, reads_prompts=bool(reads_prompts),
-                      reads_labels=bool(reads_labels))
+                      reads_labels=bool(reads_labels), video=bool(video))
     return FunctionReward(made, spec).to(device)
 
 
@@ -130,4 +132,16 @@ def mean_brightness() -> Callable[[Tensor, Any], Tensor]:
     return lambda images, cond: images.mean(dim=(1, 2, 3))
 
 
-__all__ = ["FunctionReward", "resolve_target", "build_plugin", "mean_brightness"]
+def temporal_smoothness() -> Callable[[Tensor, Any], Tensor]:
+    """Example video-reward factory (declare ``video: true``): clips (B, C, F, H, W) →
+    ``r = -mean_{C,F-1,H,W} |x[:, :, f+1] - x[:, :, f]|`` (0 for a still clip or a single frame, lower for
+    flicker)."""
+    def score(videos: Tensor, cond: Any) -> Tensor:
+        if videos.shape[2] < 2:
+            return videos.new_zeros(videos.shape[0])
+        return -(videos[:, :, 1:] - videos[:, :, :-1]).abs().flatten(1).mean(1)
+
+    return score
+
+
+__all__ = ["FunctionReward", "resolve_target", "build_plugin", "mean_brightness", "temporal_smoothness"]

@@ -124,7 +124,8 @@ class GRPOTrainer(DMDRTrainer):
         self.init_source = self._load_init()
         rl, b = recipe.rl, self.bundle
         self.actor = make_student_actor(b.generator, b.generator_module, final_std=rl.final_std,
-                                        noise_scale=rl.noise_scale, log_prob_reduce=rl.log_prob_reduce, sde=rl.sde)
+                                        noise_scale=rl.noise_scale, log_prob_reduce=rl.log_prob_reduce, sde=rl.sde,
+                                        event_dim=len(b.sample_shape))  # (C, H, W) = 3; video (C, F, H, W) = 4
         self.uses_dmd = rl.regularizer in ("dmd", "dmd_adv", "dmd_ca_adv")
         if rl.sde == "flow_grpo" and recipe.generator.steps > 1 and getattr(b.path, "prediction", None) != "velocity":
             raise UserError("rl.sde=flow_grpo is Flow-GRPO's SDE for flow-matching models; this model predicts "

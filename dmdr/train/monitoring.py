@@ -167,7 +167,9 @@ class MonitorHook:
             vals["accuracy"] = float((logits.argmax(1) == groups.numpy()).mean())
             vals["diversity"] = pairwise_diversity(torch.from_numpy(feats), groups)
         elif "diversity" in kinds:
-            vals["diversity"] = pairwise_diversity(F.adaptive_avg_pool2d(images.cpu(), 16).flatten(1), groups)
+            # clips (N, C, F, H, W): frames folded into channels (a no-op for images)
+            vals["diversity"] = pairwise_diversity(F.adaptive_avg_pool2d(images.cpu().flatten(1, -3), 16).flatten(1),
+                                                   groups)
         train = training_rewards(self.tr.recipe)
         out = {}
         for c in self.cfg.checks:
