@@ -9,11 +9,11 @@ SD3 with T5-XXL) are *not* on the GPU here, which the ``dmdr train --dry-run`` e
 
 One DMDR iteration is :meth:`dmdr.train.dmdr.DMDRTrainer.iteration` itself (``optim.ratio=1``: backward
 simulation, critic update, generator update with DMD + a reward on the differentiable VAE decode), on the bundle
-that ``dmdr train`` builds: the recipe runs in smoke mode with ``load_t2i_components`` swapped for real-size
-random components. The reward is the tiny random-init CLIP of smoke mode (the ViT-H-14 reward weights are not
+that ``dmdr train`` builds: the recipe runs in smoke mode with the family's stand-in components
+(:meth:`~dmdr.families.diffusers_t2i.DiffusersT2IFamily.standin`) swapped for real-size random components. The reward is the tiny random-init CLIP of smoke mode (the ViT-H-14 reward weights are not
 carried). Layouts:
 
-* ``shared``: dmdr's :class:`~dmdr.models.t2i.SharedBaseT2I`, one frozen base + generator LoRA + critic LoRA;
+* ``shared``: dmdr's :class:`~dmdr.models.shared_base.SharedBaseT2I`, one frozen base + generator LoRA + critic LoRA;
 * ``two_copy``: the official SD3 layout, generator = base + LoRA, critic = ``deepcopy(base)`` + LoRA;
 * ``full_gen`` (SDXL only): the official SDXL layout, base + critic LoRA and a second float32 UNet trained in full.
 
@@ -150,27 +150,31 @@ def _recipe(name: str, layout: str, ckpt: bool, args):
 
 @contextlib.contextmanager
 def _real_size(name, dev, args):
-    """Swap ``load_t2i_components`` for real-size random components (not in ``--tiny``) and set the resolution."""
+    """Swap the family's stand-ins for real-size random components (not in ``--tiny``) and set the resolution."""
     import torch
 
-    import dmdr.train.t2i_bundle as tb
+    import dmdr.families.diffusers_t2i as dt
+    from dmdr.families.registry import family
+    from dmdr.models.standins import real_config
 
-    saved = (tb.load_t2i_components, tb.SMOKE_RESOLUTION)
-    tb.SMOKE_RESOLUTION = args.res
-    if not args.tiny:
-        tb.load_t2i_components = lambda recipe, device: (
+    fam = family(real_config(name)["family"])
+    saved = dt.SMOKE_RESOLUTION
+    dt.SMOKE_RESOLUTION = args.res
+    if not args.tiny:  # an instance attribute shadows the method of the (cached) family object
+        fam.standin = lambda recipe: dt.Components(
             real_components(name, dev, recipe.seed, recipe.model.max_sequence_length), torch.bfloat16, None)
     try:
         yield
     finally:
-        tb.load_t2i_components, tb.SMOKE_RESOLUTION = saved
+        dt.SMOKE_RESOLUTION = saved
+        fam.__dict__.pop("standin", None)
 
 
 def _two_copy(bundle):
     """The official layout from a shared bundle: the critic (and real score) on a deep copy of the base."""
     from dmdr.models.lora import lora_parameters, set_trainable
 
-    shared = bundle.extra["shared"]
+    shared = bundle.shared
     critic_base = copy.deepcopy(shared.denoiser)
     for p in lora_parameters(shared.denoiser.net, "critic"):  # the original's critic adapter is never used
         p.requires_grad_(False)
@@ -184,7 +188,7 @@ def set_checkpointing(bundle, on: bool) -> None:
     and ``model.vae_gradient_checkpointing`` would set them at build time)."""
     from dmdr.models.t2i import adapter_aware_checkpoint
 
-    shared = bundle.extra["shared"]
+    shared = bundle.shared
     nets = {id(m): m for m in (bundle.base.net, shared.denoiser.net,
                                shared.generator_denoiser.net if shared.full_generator else None) if m is not None}
     for net in nets.values():
@@ -198,7 +202,7 @@ def measure_layout(name, layout, ckpts, dev, args) -> list[dict]:
     """One bundle of ``layout``; one record per checkpointing setting in ``ckpts`` (same seed for each)."""
     import torch
 
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
     from dmdr.train.dmdr import DMDRTrainer
     from dmdr.train.runtime import seed_everything
 
@@ -262,24 +266,22 @@ def measure_iteration(name, layout, ckpt, dev, args) -> dict:
 def measure_sampling(name, dev, args) -> dict:
     import torch
 
-    from dmdr.models.t2i import sample_t2i
+    from dmdr.families.registry import build_bundle
+    from dmdr.models.t2i import sample_t2i, t2i_grid
     from dmdr.samplers import sample_euler
-    from dmdr.schedules import few_step_grid
-    from dmdr.train.builder import build_bundle
 
     _reset(dev)
     r = _recipe(name, "shared", False, args)
     with _real_size(name, dev, args):
         b = build_bundle(r, dev)
-    shared = b.extra["shared"]
+    shared = b.shared
     res = args.sample_res
     cond = shared.encode(["a photo of a cat"], height=res, width=res)
     uncond = shared.null_cond(cond)
     C, h, w = shared.latent_shape(res, res)
     noise = torch.randn(1, C, h, w, device=dev)
     teacher = shared.teacher()
-    grid = few_step_grid(args.teacher_steps, 3.0, shared.path.t_min).to(dev) if r.model.family == "sd3" else \
-        torch.linspace(0.999, 0.0, args.teacher_steps + 1, device=dev)
+    grid = t2i_grid(teacher.path, args.teacher_steps, r.generator.shift).to(dev)  # what `dmdr eval` uses
 
     def student():
         return sample_t2i(shared, None, cond, steps=args.student_steps, shift=r.generator.shift, height=res,

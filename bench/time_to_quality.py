@@ -103,7 +103,7 @@ def score_checkpoint(path: Path, which: str = "ema") -> dict:
 def param_counts(config: str) -> dict:
     """Trainable parameters of the generator and the critic (AdamW keeps two more copies of each)."""
     from dmdr.recipes import load_recipe
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(load_recipe(ROOT / CONFIGS[config][0]), torch.device("cpu"))
     return {"generator_params": sum(p.numel() for p in b.generator_params),

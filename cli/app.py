@@ -120,9 +120,10 @@ def _train(recipe, out, set_, dry_run, smoke, resume, force, device, precision):
         smoke_over = SMOKE_OVERRIDES.get(r.task, []) + overrides
         if r.task == "dmdr":
             smoke_over += [f"stages.{i}.batch_size=8" for i in range(len(r.stages))]
-            smoke_over += ["model.smoke=true"] if r.model.family != "tiny" else []
-        if r.task == "grpo" and r.model.family != "tiny":   # T2I GRPO: the same offline stand-ins
-            smoke_over += ["model.smoke=true"]
+        if r.task in ("dmdr", "grpo"):   # the family's offline stand-ins (T2I: model.smoke=true)
+            from dmdr.families.registry import get_family
+
+            smoke_over += get_family(r).smoke_overrides(r)
         r = load_recipe(path, smoke_over)
     if resume and out is None:
         fail("--resume needs --out DIR (the run to continue)")
@@ -226,10 +227,12 @@ def _report(con, out: Path, files: dict, t0: float) -> None:
 
 def _dry_run(r, dev, con) -> None:
     con.print(f"recipe {r.name!r} (task={r.task}) is valid; device={dev}")
-    if r.task == "dmdr" and r.model.family in ("sd3", "sdxl"):  # before any weights are loaded
-        from dmdr.train.memory_estimate import estimate_t2i_memory
+    if r.task == "dmdr":  # the family's memory estimate, before any weights are loaded
+        from dmdr.families.registry import get_family
 
-        con.print(estimate_t2i_memory(r).line(), soft_wrap=True)
+        est = get_family(r).memory(r)
+        if est is not None:
+            con.print(est.line(), soft_wrap=True)
     if r.task == "dmdr":
         from dmdr.train.dmdr import DMDRTrainer
 
@@ -274,10 +277,12 @@ def sample(
         fail(f"--steps {steps}: must be at least 1")
     if num is not None and num < 1:
         fail(f"--num {num}: must be at least 1")
-    t2i_family = _run_family(run) if run is not None else "tiny"
-    if t2i_family != "tiny":
-        _sample_t2i_run(run, prompt, prompts_file, steps=steps, num=num, seed=seed, out=out, device=device,
-                        class_=class_)
+    from dmdr.families.registry import run_family
+
+    fam = run_family(run) if run is not None else None
+    if fam is not None and fam.conditioning == "prompts":
+        _sample_prompt_run(fam, run, prompt, prompts_file, steps=steps, num=num, seed=seed, out=out, device=device,
+                           class_=class_)
         return
     if prompt or prompts_file is not None:
         fail("--prompt/--prompts need a text-to-image run (--run DIR of an sd3/sdxl recipe)")
@@ -333,37 +338,19 @@ def sample(
     typer.echo(f"wrote {num} samples to {out}")
 
 
-def _run_family(run: Path) -> str:
-    """``model.family`` of the run in ``run`` (``tiny`` when it has no readable recipe.yaml: digits behaviour)."""
-    import yaml
-
-    from dmdr import safe_yaml
-
-    f = Path(run) / "recipe.yaml"
-    try:
-        data = safe_yaml.load(f.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
-        return "tiny"
-    model = data.get("model") if isinstance(data, dict) else None
-    return str(model.get("family", "tiny")) if isinstance(model, dict) else "tiny"
-
-
-def _sample_t2i_run(run: Path, prompt: List[str], prompts_file: Optional[Path], *, steps: Optional[int],
-                    num: Optional[int], seed: int, out: Path, device: str, class_: Optional[int]) -> None:
-    """Rebuild the run's bundle from DIR/recipe.yaml, load the newest checkpoint's generator LoRA (EMA if saved),
-    sample with the training-time grid (``sample_t2i``, N steps by default) and write a PNG grid."""
+def _sample_prompt_run(fam, run: Path, prompt: List[str], prompts_file: Optional[Path], *, steps: Optional[int],
+                       num: Optional[int], seed: int, out: Path, device: str, class_: Optional[int]) -> None:
+    """Rebuild the run's bundle from DIR/recipe.yaml through its family, load the newest checkpoint's generator
+    (EMA if saved), sample with the training-time grid (N steps by default) and write the family's sample file."""
     if class_ is not None:
         fail("--class is for digits runs; pass --prompt TEXT or --prompts FILE")
-    if out.suffix != ".png":
-        fail(f"--out {out}: text-to-image samples are written as a .png grid")
+    if out.suffix not in fam.sample_suffixes:
+        fail(f"--out {out}: model.family={fam.name} samples are written as {' or '.join(fam.sample_suffixes)} "
+             f"(e.g. --out samples{fam.sample_suffixes[0]})")
     if not prompt and prompts_file is None:
         fail("a text-to-image run needs --prompt TEXT (repeatable) or --prompts FILE")
-    import torch
-
     from dmdr.data.prompts import load_prompts
     from dmdr.recipes import load_recipe
-    from dmdr.train import checkpoint as ckpt
-    from dmdr.train.builder import build_bundle
     from dmdr.train.runtime import resolve_device
 
     texts = list(prompt)
@@ -373,31 +360,11 @@ def _sample_t2i_run(run: Path, prompt: List[str], prompts_file: Optional[Path], 
         texts += load_prompts(prompts_file)
     texts = [texts[i % len(texts)] for i in range(num)] if num is not None else texts
     recipe = load_recipe(run / "recipe.yaml")
-    dev = resolve_device(device)
-    path, tensors, _, _ = ckpt.load_latest_valid(run / "checkpoints",
-                                                 warn=lambda m: typer.echo(m, err=True))
-    bundle = build_bundle(recipe, dev)
-    state = tensors.get("ema") or tensors.get("generator")
-    own = bundle.generator_state()
-    if state is None:
-        fail(f"{path}: no generator weights in the checkpoint")
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shape:
-        fail(f"{path}: the generator LoRA does not match {run / 'recipe.yaml'} ({len(state)} vs {len(own)} tensors): "
-             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shape[:3]}")
-    bundle.load_generator_state(state)
-    from dmdr.eval.grid import save_grid
-    from dmdr.models.t2i import sample_t2i
-
-    x, g = bundle.extra, recipe.generator
-    res = x["resolution"]
-    bundle.generator_module.eval()
-    images = torch.cat([sample_t2i(x["shared"], None, texts[i:i + 8], steps=steps or g.steps, shift=g.shift,
-                                   height=res, width=res, seed=seed + i, mode=g.backward_sim)
-                        for i in range(0, len(texts), 8)])
-    save_grid(images, out, nrow=min(4, len(texts)), scale=max(1, 64 // res))
-    typer.echo(f"wrote {len(texts)} samples ({steps or g.steps} steps, {path.name}) to {out}")
+    bundle, path = fam.load_student(run, recipe, resolve_device(device), warn=lambda m: typer.echo(m, err=True))
+    inputs = fam.sample_inputs(bundle, "user", prompts=texts, seed=seed)
+    images = fam.render(bundle, fam.sample(bundle, inputs, steps=steps))
+    fam.save_samples(bundle, images, inputs, out)
+    typer.echo(f"wrote {len(texts)} samples ({steps or recipe.generator.steps} steps, {path.name}) to {out}")
 
 
 # ---- eval ------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch.func import functional_call
 from dmdr.errors import UserError
 from dmdr.models.full_critic import FullCopyView
 from dmdr.recipes import load_recipe, validate_recipe
-from dmdr.train.builder import build_bundle
+from dmdr.families.registry import build_bundle
 from dmdr.train.dmdr import DMDRTrainer
 
 

@@ -80,7 +80,7 @@ def test_t2i_monitors_measure_prompts_x_seeds(tmp_path):
                           "{kind: heldout_reward, threshold: 10, reward: {name: pickscore}}]"])
     tr = DMDRTrainer(r, tmp_path, torch.device("cpu"), console=lambda *a, **k: None)
     x0, images, cond, groups = tr.monitor.samples()
-    P = len(tr.bundle.extra["sample_prompts"])
+    P = len(tr.bundle.sample_prompts)
     assert images.shape[0] == 2 * P and images.shape[1] == 3 and cond[:P] == cond[P:]
     assert groups.tolist() == list(range(P)) * 2
     tr.run(max_steps_per_stage=1)

@@ -91,7 +91,7 @@ def test_t5_with_dropout_gives_the_same_embeddings_across_training_iterations(tm
 
     tr = DMDRTrainer(_smoke("sd3-medium-4step", "optim.ratio=1"), tmp_path, torch.device("cpu"),
                      console=lambda *a, **k: None)
-    shared = tr.bundle.extra["shared"]
+    shared = tr.bundle.shared
     t5 = shared.encoder.text_encoder_3
     assert t5.config.dropout_rate == 0.1
     before = shared.encoder(["a lighthouse"])[PROMPT_EMBEDS]
@@ -116,11 +116,11 @@ def test_shared_train_mode_reaches_only_the_networks():
 
 # ---- fix 3: SDXL's unconditional branch is the encoded "" -----------------------------------------------------
 def test_sdxl_bundle_uncond_is_the_encoded_empty_prompt():
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(_smoke("sdxl-1step"), torch.device("cpu"))
     cond, uncond, _ = b.sample_cond(2)
-    empty = b.extra["shared"].encoder([""])
+    empty = b.shared.encoder([""])
     assert uncond[PROMPT_EMBEDS].abs().sum() > 0
     assert torch.allclose(uncond[PROMPT_EMBEDS][0], empty[PROMPT_EMBEDS][0])
     assert torch.allclose(uncond[POOLED_PROMPT_EMBEDS][1], empty[POOLED_PROMPT_EMBEDS][0])
@@ -139,7 +139,7 @@ def test_bf16_sampling_uses_float32_noise_and_grid():
 
 
 def test_sampling_honours_backward_sim_in_trainer_grids_and_cli(tmp_path, monkeypatch):
-    import dmdr.models.t2i as t2i
+    import dmdr.models.t2i_sampling as t2i
     from dmdr.train.dmdr import DMDRTrainer
 
     comps = standin_components("sd3-medium")
@@ -155,16 +155,21 @@ def test_sampling_honours_backward_sim_in_trainer_grids_and_cli(tmp_path, monkey
     monkeypatch.setattr(t2i, "sample_t2i", lambda *a, **k: (modes.append(k.get("mode")), real(*a, **k))[1])
     tr = DMDRTrainer(_smoke("sd3-medium-4step", "generator.backward_sim=sde"), tmp_path, torch.device("cpu"),
                      console=lambda *a, **k: None)
-    tr.sample_grid(tmp_path / "g.png", None)
+    tr.sample_grid(tmp_path / "g.png", tr._fixed_sample_inputs())
     assert modes == ["sde"]
+    # the monitors' and the evaluation's samples use the student's own rollout too
+    fam, b = tr.family, tr.bundle
+    fam.sample(b, fam.sample_inputs(b, "monitor", repeats=1))
+    fam.sample(b, fam.sample_inputs(b, "eval", prompts=["a cat"], seed=0))
+    assert modes == ["sde"] * 3
 
 
 # ---- fix 6: prompt cache on the CPU ---------------------------------------------------------------------------
 def test_prompt_cache_keeps_entries_on_the_cpu():
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(_smoke("sd3-medium-4step"), torch.device("cpu"))
-    shared = b.extra["shared"]
+    shared = b.shared
     assert shared.cache.device == "cpu"
     assert SharedBaseT2I.__init__.__kwdefaults__["cache_device"] == "cpu"
     b.sample_cond(2)
@@ -188,7 +193,7 @@ def test_sdxl_full_weights_generator_from_init(tmp_path):
         r = _smoke("sdxl-1step", f"generator.init={tmp_path / f}", "optim.ratio=1")
         assert r.generator.lora is None
         tr = DMDRTrainer(r, tmp_path / f"run-{f}", torch.device("cpu"), console=lambda *a, **k: None)
-        b, shared = tr.bundle, tr.bundle.extra["shared"]
+        b, shared = tr.bundle, tr.bundle.shared
         gen = shared.generator_denoiser.net
         assert shared.full_generator and not b.generator_is_lora and gen is not shared.denoiser.net
         assert adapter_names(shared.denoiser.net) == {"critic"}  # the base is teacher + critic only
@@ -218,7 +223,7 @@ def test_sdxl_full_weights_generator_from_init(tmp_path):
 
 
 def test_generator_init_bad_input_is_one_line(tmp_path):
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     bad = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
@@ -255,10 +260,10 @@ def test_sdxl_recipe_mirrors_the_official_generator():
 
 # ---- fix 4: reward decoding fits in memory ---------------------------------------------------------------------
 def test_rewards_decode_with_the_tiny_vae():
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(_smoke("sdxl-1step"), torch.device("cpu"))
-    shared = b.extra["shared"]
+    shared = b.shared
     assert type(shared.reward_vae).__name__ == "AutoencoderTiny"
     z = torch.randn(2, *b.sample_shape, requires_grad=True)
     img = b.decode(z)
@@ -300,10 +305,10 @@ def test_vae_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradien
 
 
 def test_vae_gradient_checkpointing_recipe_flag():
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(_smoke("sd3-medium-4step", "model.vae_gradient_checkpointing=true"), torch.device("cpu"))
-    assert b.extra["shared"].vae.decoder.gradient_checkpointing
+    assert b.shared.vae.decoder.gradient_checkpointing
 
 
 # ---- fix 6: GRPO KL reference of a LoRA student shares the base -------------------------------------------------
@@ -347,7 +352,7 @@ def test_grpo_kl_reference_of_a_lora_student_is_not_a_copy(tmp_path):
 
 
 def _with_trained_lora(recipe, randomize):
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     b = build_bundle(recipe, torch.device("cpu"))
     randomize(b.generator_params, 5)

@@ -74,7 +74,7 @@ def test_smoke_training_updates_only_the_adapters(family, tmp_path):
     lora = ["generator.init=null", "generator.lora={rank: 64, alpha: 128, targets: [to_q, to_k, to_v, to_out.0]}"]
     r = _smoke_recipe(family, *(lora if family == "sdxl" else []))  # SDXL's LoRA-generator option
     tr = DMDRTrainer(r, tmp_path, torch.device("cpu"), console=lambda *a, **k: None)
-    b, shared = tr.bundle, tr.bundle.extra["shared"]
+    b, shared = tr.bundle, tr.bundle.shared
     assert b.generator_is_lora and b.base is shared.denoiser
     trainable = {id(p) for p in shared.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in b.generator_params + b.critic_params}
@@ -101,17 +101,17 @@ def test_smoke_training_updates_only_the_adapters(family, tmp_path):
 def test_bundle_grid_and_generator_input():
     """SDXL one step: grid [0.399, 0] and the generator sees pure noise at t_0 (as in the rollout); SD3: the
     official shifted grid with t_min 0.001 and ordinary renoising."""
-    from dmdr.train.builder import build_bundle
+    from dmdr.families.registry import build_bundle
 
     xl = build_bundle(_smoke_recipe("sdxl"), torch.device("cpu"))
-    assert xl.extra["grid"].tolist() == pytest.approx([0.399, 0.0])
+    assert xl.grid.tolist() == pytest.approx([0.399, 0.0])
     x0, eps = torch.randn(2, *xl.sample_shape), torch.randn(2, *xl.sample_shape)
     t = torch.full((2,), 0.399)
     assert torch.equal(xl.path.renoise(x0, t, eps), eps)
     assert not torch.allclose(xl.base.path.renoise(x0, t, eps), eps)
     assert torch.allclose(xl.path.renoise(x0, torch.full((2,), 0.2), eps), xl.base.path.renoise(x0, torch.full((2,), 0.2), eps))
     sd3 = build_bundle(_smoke_recipe("sd3"), torch.device("cpu"))
-    assert sd3.extra["grid"][:4].tolist() == pytest.approx([1.0, 0.9001, 0.7503, 0.5010], abs=1e-4)
+    assert sd3.grid[:4].tolist() == pytest.approx([1.0, 0.9001, 0.7503, 0.5010], abs=1e-4)
     assert sd3.base.path.t_min == 0.001
     cond, uncond, prompts = sd3.sample_cond(3)
     assert cond.batch_size == torch.Size([3]) and uncond.batch_size == torch.Size([3]) and len(prompts) == 3
@@ -124,12 +124,12 @@ def test_trainer_uses_the_family_grid(tmp_path):
     from dmdr.train.dmdr import DMDRTrainer
 
     tr = DMDRTrainer(_smoke_recipe("sdxl"), tmp_path, torch.device("cpu"), console=lambda *a, **k: None)
-    assert tr.grid.tolist() == pytest.approx(tr.bundle.extra["grid"].tolist())
+    assert tr.grid.tolist() == pytest.approx(tr.bundle.grid.tolist())
     assert tr.grid[0].item() == pytest.approx(0.399)  # SDXL one-step convention: timestep 399 on pure noise
 
 
 def test_smoke_reward_kwargs():
-    from dmdr.train.t2i_bundle import smoke_reward_kwargs
+    from dmdr.families.diffusers_t2i import smoke_reward_kwargs
 
     assert smoke_reward_kwargs("srpo", {"checkpoint": "/x", "tokenizer": "/t", "k": 0.1}) == \
         {"k": 0.1, "config": "tiny", "random_init": True}
@@ -165,7 +165,7 @@ def test_cli_sample_bad_input(sd3_run, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n")
     _one_line_error(*_cli("sample", "--run", sd3_run, "--prompts", empty, "--out", png), "holds no prompts")
-    _one_line_error(*_cli("sample", "--run", sd3_run, "--prompt", "x", "--out", tmp_path / "x.npz"), ".png grid")
+    _one_line_error(*_cli("sample", "--run", sd3_run, "--prompt", "x", "--out", tmp_path / "x.npz"), "written as .png")
     # a run whose recipe no longer matches its checkpoint: the error lists the first keys
     run = tmp_path / "edited"
     import shutil

@@ -2,12 +2,13 @@
 
 ``dmdr eval --run DIR --prompts FILE [--teacher-steps N] [--teacher-cfg W] [--seeds K] [--reward NAME[:YAML]]
 [--json OUT]``. For every prompt p and seed s ∈ {0..K-1}, both models start from the *same* initial noise
-x_T = randn(seed s) (as :func:`dmdr.models.t2i.sample_t2i` draws it):
+x_T = randn(seed s) (the family's ``sample_inputs(bundle, "eval", prompts=..., seed=s)``):
 
-* **student** — the run's generator LoRA (newest valid checkpoint, EMA if saved), its N-step training grid, no
-  CFG (:func:`~dmdr.models.t2i.sample_t2i`);
-* **teacher** — the frozen base (no adapter), ``--teacher-steps`` Euler (flow matching) / DDIM (ε) steps on
-  :func:`~dmdr.models.t2i.t2i_grid` with the run's shift, CFG ``w`` = ``--teacher-cfg`` (default ``dmd.cfg``).
+* **student** — the run's generator (newest valid checkpoint, EMA if saved), its N-step training grid and
+  rollout, no CFG (:meth:`Family.sample <dmdr.families.base.Family.sample>`);
+* **teacher** — the frozen base (no adapter), ``--teacher-steps`` Euler (flow matching) / DDIM (ε) steps on the
+  family's grid with the run's shift, CFG ``w`` = ``--teacher-cfg`` (default ``dmd.cfg``)
+  (:meth:`Family.sample_teacher <dmdr.families.base.Family.sample_teacher>`).
 
 Reported for each model (means over P·K images):
 
@@ -54,44 +55,27 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
 
 
 def load_run(run: str | Path, device: torch.device):
-    """(recipe, bundle, checkpoint path) of a text-to-image run with its generator LoRA loaded."""
+    """(recipe, family, bundle, checkpoint path) of a text-conditioned run with its generator loaded."""
+    from dmdr.families.registry import get_family
     from dmdr.recipes import load_recipe
-    from dmdr.train import checkpoint as ckpt
-    from dmdr.train.builder import build_bundle
 
     run = Path(run)
     if not (run / "recipe.yaml").is_file():
         raise UserError(f"--run {run}: no recipe.yaml; pass a run directory written by `dmdr train`")
     recipe = load_recipe(run / "recipe.yaml")
-    if getattr(recipe, "task", None) not in ("dmdr", "grpo") or recipe.model.family == "tiny":
+    fam = get_family(recipe) if getattr(recipe, "task", None) in ("dmdr", "grpo") else None
+    if fam is None or fam.conditioning != "prompts":
         raise UserError(f"--run {run}: a digits run; evaluate digits with `dmdr sample --run DIR --out X.npz` "
                         f"then `dmdr eval X.npz`")
-    path, tensors, _, _ = ckpt.load_latest_valid(run / "checkpoints", warn=lambda m: None)
-    bundle = build_bundle(recipe, device)
-    state = tensors.get("ema") or tensors.get("generator")
-    own = bundle.generator_state()
-    if state is None or set(state) != set(own) or any(own[k].shape != state[k].shape for k in own):
-        raise UserError(f"{path}: the generator LoRA does not match {run / 'recipe.yaml'}")
-    bundle.load_generator_state(state)
-    bundle.generator_module.eval()
-    return recipe, bundle, path
+    bundle, path = fam.load_student(run, recipe, device)
+    return recipe, fam, bundle, path
 
 
 @torch.no_grad()
-def teacher_images(shared, prompts: list[str], *, steps: int, cfg: float, shift: float, res: int,
-                   seed: int) -> torch.Tensor:
+def teacher_images(fam, bundle, prompts: list[str], *, steps: int, cfg: float, seed: int) -> torch.Tensor:
     """The frozen base, ``steps`` Euler/DDIM steps with CFG ``cfg``, from randn(seed) → images (P, 3, H, W)."""
-    from dmdr.models.t2i import t2i_grid
-    from dmdr.samplers import sample_euler
-
-    cond = shared.encode(prompts, height=res, width=res)
-    C, h, w = shared.latent_shape(res, res)
-    p = next(shared.denoiser.net.parameters())
-    noise = torch.randn(len(prompts), C, h, w, generator=torch.Generator().manual_seed(seed)).to(p.device, p.dtype)
-    teacher = shared.teacher()
-    grid = t2i_grid(teacher.path, steps, shift)
-    x0 = sample_euler(teacher, noise, grid, cond, uncond=shared.null_cond(cond) if cfg > 1 else None, cfg=cfg)
-    return shared.decode(x0).float().clamp(0, 1)
+    inputs = fam.sample_inputs(bundle, "eval", prompts=prompts, seed=seed)
+    return fam.render(bundle, fam.sample_teacher(bundle, inputs, steps=steps, cfg=cfg)).float().clamp(0, 1)
 
 
 def mean_pairwise(emb: torch.Tensor, groups: torch.Tensor) -> float:
@@ -108,7 +92,6 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
     ``{"run", "checkpoint", "prompts", "seeds", "teacher": {"steps", "cfg"}, "rewards": {name: "training" |
     "held-out"}, "student": {metric: mean}, "teacher_metrics": {...}, "per_prompt": [...], "grid"}``."""
     from dmdr.eval.grid import save_grid
-    from dmdr.models.t2i import sample_t2i
     from dmdr.train.monitoring import training_rewards
     from dmdr.train.runtime import resolve_device
 
@@ -119,10 +102,13 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
     if not prompts:
         raise UserError("--prompts: the file holds no prompts")
     dev = resolve_device(device)
-    recipe, bundle, ck = load_run(run, dev)
-    shared, res, g = bundle.extra["shared"], bundle.extra["resolution"], recipe.generator
+    recipe, fam, bundle, ck = load_run(run, dev)
+    g, smoke = recipe.generator, bool(recipe.model.smoke)
     cfg = float(recipe.dmd.cfg if teacher_cfg is None else teacher_cfg)
-    factory = bundle.extra["build_reward"]
+
+    def factory(name: str, **kw):
+        return fam.reward(bundle, name, kw)
+
     train = training_rewards(recipe)
     wanted: dict[str, tuple[dict, str]] = {n: (kw, "training") for n, kw in train}
     for spec in rewards:
@@ -134,16 +120,16 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
     clip_kw = dict(wanted["clip"][0]) if "clip" in wanted else None
     if clip_checkpoint is not None:
         clip_kw = {"checkpoint": clip_checkpoint}
-    if clip_kw is None and not bundle.extra.get("smoke"):
+    if clip_kw is None and not smoke:
         raise UserError("the CLIP score needs a CLIP model: pass --clip-checkpoint (an open_clip file or HF "
                         "CLIPModel directory), or evaluate a run trained with a `clip` reward")
     clip = built["clip"] if "clip" in built and clip_checkpoint is None else \
         factory("clip", **{"device": str(dev), **(clip_kw or {})}).to(dev)
     student, teacher = [], []
     for s in range(seeds):
-        student.append(sample_t2i(shared, None, prompts, steps=g.steps, shift=g.shift, height=res, width=res,
-                                  seed=s).float().clamp(0, 1))
-        teacher.append(teacher_images(shared, prompts, steps=teacher_steps, cfg=cfg, shift=g.shift, res=res, seed=s))
+        inputs = fam.sample_inputs(bundle, "eval", prompts=prompts, seed=s)
+        student.append(fam.render(bundle, fam.sample(bundle, inputs)).float().clamp(0, 1))
+        teacher.append(teacher_images(fam, bundle, prompts, steps=teacher_steps, cfg=cfg, seed=s))
     P = len(prompts)
     cond = [p for _ in range(seeds) for p in prompts]            # image i = seed i // P, prompt i % P
     groups = torch.arange(P).repeat(seeds)
@@ -171,13 +157,14 @@ def evaluate_t2i_run(run: str | Path, prompts: list[str], *, teacher_steps: int 
         rows = []
         for i in range(P):
             rows += [student[s][i] for s in range(seeds)] + [teacher[s][i] for s in range(seeds)]
+        res = student[0].shape[-1]
         grid_path = str(save_grid(torch.stack(rows).cpu(), grid, nrow=2 * seeds, scale=max(1, 64 // res),
                                   row_labels=[str(i) for i in range(P)]))
     per_prompt = [{"prompt": p, "student": {k: v[i] for k, v in s_per.items()},
                    "teacher": {k: v[i] for k, v in t_per.items()}} for i, p in enumerate(prompts)]
     return {"run": str(run), "checkpoint": str(ck), "prompts": len(prompts), "seeds": seeds,
             "student_steps": g.steps, "teacher": {"steps": teacher_steps, "cfg": cfg},
-            "rewards": {n: tag for n, (_, tag) in wanted.items()}, "smoke": bool(bundle.extra.get("smoke")),
+            "rewards": {n: tag for n, (_, tag) in wanted.items()}, "smoke": smoke,
             "student": s_m, "teacher_metrics": t_m, "per_prompt": per_prompt, "grid": grid_path}
 
 

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from dmdr.models.t2i import (DiffusersDenoiser, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
-                             check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae)
+from dmdr.models.t2i_components import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, DiffusersDenoiser, LoraSpec, T2IComponents,
+                                        TextEncoderStack, check_local_model_dir)
+from dmdr.models.tiny_text import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae
 from dmdr.paths import FlowMatching
 
 SD3_T_MIN = 0.001
@@ -57,6 +58,7 @@ class SD3Denoiser(DiffusersDenoiser):
 
     family = "sd3"
     network_subfolder = "transformer"
+    PIPELINE_CLASS = "StableDiffusion3Pipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=SD3_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=SD3_LORA_TARGETS)
 

@@ -31,9 +31,9 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (DiffusersDenoiser, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, LoraSpec, T2IComponents,
-                             TextEncoderStack, check_local_model_dir, tiny_clip_text_encoder, tiny_clip_tokenizer,
-                             tiny_vae)
+from dmdr.models.t2i_components import (POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS, TIME_IDS, DiffusersDenoiser, LoraSpec,
+                                        T2IComponents, TextEncoderStack, check_local_model_dir)
+from dmdr.models.tiny_text import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae
 from dmdr.paths import DDPMEps, scaled_linear_alphas_cumprod
 
 SDXL_ONE_STEP_T = 0.399
@@ -55,6 +55,7 @@ class SDXLDenoiser(DiffusersDenoiser):
 
     family = "sdxl"
     network_subfolder = "unet"
+    PIPELINE_CLASS = "StableDiffusionXLPipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=SDXL_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=SDXL_LORA_TARGETS)
 

@@ -127,7 +127,8 @@ def standin_components(name: str, *, seed: int = 0, with_reward_vae: bool = Fals
     """
     from dmdr.models.sd3 import SD3Denoiser, SD3TextEncoder
     from dmdr.models.sdxl import SDXLDenoiser, SDXLTextEncoder
-    from dmdr.models.t2i import T2IComponents, tiny_clip_tokenizer
+    from dmdr.models.t2i_components import T2IComponents
+    from dmdr.models.tiny_text import tiny_clip_tokenizer
 
     cfg = shrink_config(name)
     L = cfg["tokenizer_max_length"]

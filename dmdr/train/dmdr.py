@@ -29,17 +29,16 @@ import torch
 from tensordict import TensorDict
 
 from dmdr import keys as K
-from dmdr.eval.grid import save_grid
 from dmdr.losses import dmd_loss, fake_score_batch, fake_score_loss, merge_terms, reward_loss, scalars, total_loss
 from dmdr.recipes import DMDRRecipe, recipe_to_yaml, validate_recipe
-from dmdr.rewards import build_reward
 from dmdr.samplers import clean_targets, few_step_rollout
-from dmdr.schedules import dynadg_scale, dynars_beta_params, few_step_grid, sample_dynars, sample_grid_steps, sample_uniform
+from dmdr.schedules import dynadg_scale, dynars_beta_params, sample_dynars, sample_grid_steps, sample_uniform
 from dmdr.scores import distribution_matching_targets, sample_cfg_scale
 from dmdr.errors import UserError
 from dmdr.train import checkpoint as ckpt
 from dmdr.train import distributed
-from dmdr.train.builder import ModelBundle, build_bundle
+from dmdr.families.base import Bundle
+from dmdr.families.registry import get_family
 from dmdr.train.runtime import (MetricsLog, autocast, make_progress, rng_neutral, rng_state, seed_everything,
                                 set_rng_state, truncate_metrics)
 
@@ -102,12 +101,13 @@ class DMDRTrainer:
     """Holds the bundle, optimisers and :class:`DMDRState`; :meth:`run` trains, :meth:`iteration` does one step."""
 
     def __init__(self, recipe: DMDRRecipe, out: Path | None, device: torch.device, *, console=print,
-                 bundle: ModelBundle | None = None):
+                 bundle: Bundle | None = None):
         self.recipe, self.out, self.device, self.console = recipe, out, device, console
+        self.family = bundle.family if bundle is not None else get_family(recipe)  # all family questions go here
         self.dist = distributed.setup(recipe)  # inactive (all no-ops) in a single process
         if not self.dist.is_main:
             self.console = lambda *a, **k: None
-        self.bundle = bundle or build_bundle(recipe, device)
+        self.bundle = bundle or self.family.build(recipe, device)
         if self.dist.active:  # identical replicas, then per-rank data/noise streams
             self.dist.broadcast_(self.bundle.generator_params + self.bundle.critic_params)
             seed_everything(recipe.seed + self.dist.rank)
@@ -120,11 +120,7 @@ class DMDRTrainer:
         if o.ema_decay is not None:
             self.ema = {k: v.detach().clone().float() for k, v in self.bundle.generator_state().items()}
         self.state = DMDRState()
-        g = recipe.generator
-        grid = self.bundle.extra.get("grid")  # a family may fix its own grid (SDXL one-step: t = 0.399)
-        if grid is None:
-            grid = few_step_grid(g.steps, g.shift, recipe.model.t_min)
-        self.grid = grid.to(device=device, dtype=torch.float32)
+        self.grid = self.bundle.grid.to(device=device, dtype=torch.float32)  # the family's (SDXL one-step: 0.399)
         self._rewards: dict[str, torch.nn.Module] = {}
         self._stop_signal: int | None = None
         self.max_nonfinite_streak = 20
@@ -156,7 +152,8 @@ class DMDRTrainer:
     def reward(self, name: str, kwargs: dict) -> torch.nn.Module:
         key = f"{name}:{sorted(kwargs.items())}"
         if key not in self._rewards:
-            self._rewards[key] = build_reward(name, **{"device": str(self.device), **kwargs}).to(self.device)
+            self._rewards[key] = self.family.reward(self.bundle, name, {"device": str(self.device), **kwargs}
+                                                    ).to(self.device)
         return self._rewards[key]
 
     def set_stage_lrs(self) -> None:
@@ -316,8 +313,7 @@ class DMDRTrainer:
                 "metrics_acc": {k: torch.tensor(v, dtype=torch.float64) for k, v in self._acc.items()},
                 "world_size": torch.tensor(self.dist.world_size),
                 **({"monitors": self.monitor.bank.state_dict()} if self.monitor is not None else {}),
-                **({"data": self.bundle.extra["prompt_sampler"].state_dict()}
-                   if "prompt_sampler" in self.bundle.extra else {})}
+                **({"data": data} if (data := self.family.data_state(self.bundle)) is not None else {})}
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         t = {"generator": self.bundle.generator_state(), "critic": self.bundle.critic_state()}
@@ -337,8 +333,8 @@ class DMDRTrainer:
         self.opt_gen.load_state_dict(state["opt_gen"])
         self.opt_critic.load_state_dict(state["opt_critic"])
         self.state = DMDRState.from_tensors(state["trainer"])
-        if "data" in state and "prompt_sampler" in self.bundle.extra:  # T2I prompt order resumes exactly
-            self.bundle.extra["prompt_sampler"].load_state_dict(state["data"])
+        if "data" in state:  # the family's data stream (T2I prompt order) resumes exactly
+            self.family.load_data_state(self.bundle, state["data"])
         if self.monitor is not None and "monitors" in state:
             self.monitor.bank.load_state_dict(state["monitors"])
         self._acc = defaultdict(list, {k: [float(x) for x in v.tolist()]
@@ -523,23 +519,10 @@ class DMDRTrainer:
         self.console(f"stopped by {why}; checkpoint saved at generator step {k}")
         return summary
 
-    @torch.no_grad()
     def _student_outputs_finite(self) -> bool:
-        """Finite weights can still be garbage (a huge step leaves 1e30s that overflow): does the student map 10
-        fixed noises (a local generator: no global RNG moves) to finite samples? Digits family only (cheap)."""
-        if self.recipe.model.family != "tiny" or "shared" in self.bundle.extra:
-            return True
-        g = torch.Generator().manual_seed(99)
-        noise = torch.randn(10, *self.bundle.sample_shape, generator=g).to(self.device)
-        labels = (torch.arange(10) % self.recipe.data.num_classes).to(self.device)
-        m = self.bundle.generator_module
-        was_training = m.training
-        m.eval()
-        try:
-            x = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode="ode")[K.SAMPLE]
-        finally:
-            m.train(was_training)
-        return bool(torch.isfinite(x).all())
+        """Finite weights can still be garbage (a huge step leaves 1e30s that overflow): the family's check that the
+        student maps a few fixed noises to finite samples (:meth:`~dmdr.families.base.Family.student_finite`)."""
+        return self.family.student_finite(self.bundle)
 
     def _check_student_finite(self) -> None:
         """Refuse to export a student whose samples are non-finite (:meth:`_student_outputs_finite`)."""
@@ -560,39 +543,18 @@ class DMDRTrainer:
 
     # ---- samples and export -----------------------------------------------------------------------------------------
     def _fixed_sample_inputs(self):
-        g = torch.Generator().manual_seed(1234)
-        n = self.recipe.sample_classes
-        labels = torch.arange(n).repeat_interleave(10)
-        noise = torch.randn(labels.shape[0], *self.bundle.sample_shape, generator=g)
-        return labels.to(self.device), noise.to(self.device)
+        return self.family.sample_inputs(self.bundle, "grid")
 
     @torch.no_grad()
     def sample_grid(self, path: Path, fixed) -> Path | None:
-        if "shared" in self.bundle.extra:  # text-to-image: fixed prompts and seed, the training grid, no CFG
-            from dmdr.models.t2i import sample_t2i
-
-            x = self.bundle.extra
-            self.bundle.generator_module.eval()
-            g, res = self.recipe.generator, x["resolution"]
-            images = sample_t2i(x["shared"], None, x["sample_prompts"], steps=g.steps, shift=g.shift, height=res,
-                                width=res, seed=1234, mode=g.backward_sim)
-            return save_grid(images, path, nrow=min(4, images.shape[0]), scale=max(1, 64 // res))
-        if self.recipe.model.family != "tiny":
-            return None
-        labels, noise = fixed
-        self.bundle.generator_module.eval()
-        mode = self.recipe.generator.backward_sim  # sample the way the student is trained (sde: fresh noise)
-        step_noise = None
-        if mode == "sde":  # a local generator: sampling must not touch the training RNG streams
-            g = torch.Generator().manual_seed(4321)
-            step_noise = torch.randn(self.grid.shape[0] - 1, *noise.shape, generator=g).to(noise.device)
-        roll = few_step_rollout(self.bundle.generator, noise, self.grid, labels, mode=mode, step_noise=step_noise)
-        n = self.recipe.sample_classes
-        return save_grid(self.bundle.decode(roll[K.SAMPLE]), path, nrow=10, row_labels=[str(i) for i in range(n)])
+        """The student's samples of the family's fixed grid inputs (its own rollout, no CFG), written by the family."""
+        x = self.family.sample(self.bundle, fixed)
+        return self.family.save_samples(self.bundle, self.family.render(self.bundle, x), fixed, path)
 
     def export_student(self, path: Path) -> Path | None:
-        """Write the student (EMA if enabled): a standalone tiny-DiT file with its grid in the metadata, or, for
-        text-to-image runs, the generator LoRA as a diffusers LoRA folder ``path.parent / "student_lora"``."""
+        """Write the student (EMA if enabled) through the family (:meth:`~dmdr.families.base.Family.export`):
+        digits a standalone tiny-DiT file with its grid in the metadata, text-to-image the generator LoRA as a
+        diffusers LoRA folder ``path.parent / "student_lora"`` (or the full network)."""
         bad = non_finite({"generator": self.bundle.generator_state(), **({"ema": self.ema} if self.ema else {})})
         if bad:  # keep the last good student on disk; say so and exit non-zero
             done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []
@@ -600,41 +562,13 @@ class DMDRTrainer:
                                   f"{path if path.exists() else 'no earlier student'} left as it was; "
                                   f"{f'the last good checkpoint is {done[-1]}' if done else 'no checkpoint written'}; "
                                   f"lower the learning rates or use fp32")
-        if "shared" in self.bundle.extra:
-            from dmdr.models.t2i import export_generator
-
-            live = {k: v.clone() for k, v in self.bundle.generator_state().items()}
-            if self.ema is not None:
-                self.bundle.load_generator_state(self.ema)
-            try:
-                return export_generator(self.bundle.extra["shared"], path.parent)
-            finally:
-                self.bundle.load_generator_state(live)
-        if self.recipe.model.family != "tiny" or self.bundle.generator_is_lora:
-            return None
-        from dmdr.models.tiny import save_tiny
-
-        m = self.bundle.generator_module
-        if self.ema is not None:
-            m = _with_state(m, self.ema)
-        g = self.recipe.generator
-        save_tiny(m, str(path), extra={"student": {"steps": g.steps, "shift": g.shift, "t_min": self.recipe.model.t_min,
-                                                   "mode": g.backward_sim},
-                                       "recipe": self.recipe.name, "global_step": self.state.global_step})
-        return path
+        return self.family.export(self.bundle, path, state=self.ema, global_step=self.state.global_step)
 
 
 def non_finite(tensors: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """Names (sorted) of the state dicts in ``tensors`` holding a NaN/Inf floating-point value."""
     return sorted(n for n, sd in tensors.items()
                   if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in sd.values()))
-
-
-def _with_state(module, sd):
-    import copy
-    m = copy.deepcopy(module)
-    m.load_state_dict({k: v.to(next(module.parameters()).dtype) for k, v in sd.items()})
-    return m
 
 
 class _Null:

@@ -50,10 +50,10 @@ from dmdr.losses.policy import (PolicyKeys, StudentStep, advantage_weights, chec
                                 make_student_actor, rollout_transitions, weighted_dmd_loss)
 from dmdr.models.lora import AdapterView
 from dmdr.recipes import GRPORecipe, save_recipe, validate_recipe
-from dmdr.samplers import few_step_rollout, stochastic_rollout
+from dmdr.samplers import stochastic_rollout
 from dmdr.scores import sample_cfg_scale
 from dmdr.train import checkpoint as ckpt
-from dmdr.train.builder import ModelBundle
+from dmdr.families.base import Bundle
 from dmdr.train.dmdr import DMDRState, DMDRTrainer, _Null
 from dmdr.train.runtime import MetricsLog, autocast, make_progress, truncate_metrics
 
@@ -118,7 +118,7 @@ class GRPOTrainer(DMDRTrainer):
     machinery, checkpoints, grids and export. :meth:`run` trains; :meth:`iteration` is one RL iteration."""
 
     def __init__(self, recipe: GRPORecipe, out: Path | None, device: torch.device, *, console=print,
-                 bundle: ModelBundle | None = None):
+                 bundle: Bundle | None = None):
         super().__init__(recipe, out, device, console=console, bundle=bundle)
         self.state = GRPOState()
         self.init_source = self._load_init()
@@ -206,9 +206,7 @@ class GRPOTrainer(DMDRTrainer):
         if self.bundle.generator_is_lora:
             raise UserError(f"rl.init={path}: a student file holds full weights but generator.lora is set; "
                             f"pass the run directory instead")
-        from dmdr.models.tiny import load_tiny
-
-        self.bundle.load_generator_state(load_tiny(str(path)).state_dict())
+        self.family.load_export(self.bundle, path)
         return str(path)
 
     # ---- pieces of an iteration -----------------------------------------------------------------------------------
@@ -433,33 +431,19 @@ class GRPOTrainer(DMDRTrainer):
         return {**out, **timers}
 
     # ---- evaluation -------------------------------------------------------------------------------------------------
-    def _eval_inputs(self):
-        n, C = self.recipe.eval.samples, self.recipe.data.num_classes
-        g = torch.Generator().manual_seed(4321)
-        labels = torch.arange(n) % C
-        noise = torch.randn(n, *self.bundle.sample_shape, generator=g)
-        N = self.recipe.generator.steps   # fixed per-step noise: a multi-step sde student samples as it was trained
-        step_noise = torch.randn(N, n, *self.bundle.sample_shape, generator=g)
-        return labels.to(self.device), noise.to(self.device), step_noise.to(self.device)
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """FID / precision / recall / accuracy / classifier reward of the deterministic student (digits only), plus
-        the training rewards and the mean brightness of the same samples. Keys are prefixed ``eval_``."""
-        r = self.recipe
-        if r.model.family != "tiny" or r.eval.samples < 4:
+        """FID / precision / recall / accuracy / classifier reward of the deterministic student (families with an
+        evaluation network: digits), plus the training rewards and the mean brightness of the same samples. Keys are
+        prefixed ``eval_``."""
+        r, fam, b = self.recipe, self.family, self.bundle
+        if not fam.has_eval_net or r.eval.samples < 4:
             return {}
         from dmdr.eval.report import evaluate_samples
 
-        labels, noise, step_noise = self._eval_inputs()
-        self.bundle.generator_module.eval()
-        images = []
-        mode = r.generator.backward_sim   # the student's own sampler (1-step: ode and sde are identical)
-        for i in range(0, len(labels), 500):
-            roll = few_step_rollout(self.bundle.generator, noise[i:i + 500], self.grid, labels[i:i + 500], mode=mode,
-                                    step_noise=step_noise[:, i:i + 500])
-            images.append(self.bundle.decode(roll[K.SAMPLE]).float().clamp(0, 1))
-        x = torch.cat(images)
+        inputs = fam.sample_inputs(b, "eval", n=r.eval.samples)   # the student's own sampler, fixed noise
+        x = fam.decode(b, fam.sample(b, inputs)).float().clamp(0, 1)
+        labels = inputs.reward_cond
         m = evaluate_samples(x.cpu(), labels.cpu())
         rec = {f"eval_{k}": float(v) for k, v in m.items() if k != "n"}
         rec["eval_ink"] = float(x.mean())

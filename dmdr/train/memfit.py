@@ -80,9 +80,17 @@ def require_fit(need: int, device, what: str, per_item: int, fix: str) -> None:
 
 
 def check_recipe_fits(recipe, device) -> None:
-    """The largest per-step batch of a digits ``dmdr``/``grpo`` recipe must fit (T2I families: not checked)."""
-    if getattr(recipe, "task", None) not in ("dmdr", "grpo") or recipe.model.family != "tiny":
+    """The largest per-step batch of a ``dmdr``/``grpo`` recipe must fit: the family's own check
+    (:meth:`~dmdr.families.base.Family.check_fits`; digits: :func:`check_digits_fits`, T2I families: none)."""
+    if getattr(recipe, "task", None) not in ("dmdr", "grpo"):
         return
+    from dmdr.families.registry import get_family
+
+    get_family(recipe).check_fits(recipe, device)
+
+
+def check_digits_fits(recipe, device) -> None:
+    """The largest per-step batch of a digits ``dmdr``/``grpo`` recipe must fit."""
     from dmdr.models.tiny import load_tiny
 
     cfg = load_tiny(recipe.model.teacher).config

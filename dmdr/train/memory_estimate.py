@@ -193,20 +193,23 @@ def text_encoder_params(name: str) -> int:
     return n
 
 
-def estimate_t2i_memory(recipe) -> MemoryEstimate:
-    """The :class:`MemoryEstimate` of a T2I DMDR recipe (see the module docstring)."""
+def estimate_t2i_memory(recipe, name: str | None = None) -> MemoryEstimate:
+    """The :class:`MemoryEstimate` of a T2I DMDR recipe (see the module docstring); ``name`` is the shipped real
+    configuration (default: the recipe family's, :meth:`~dmdr.families.diffusers_t2i.DiffusersT2IFamily.config_name`)."""
     from dmdr.models.standins import quiet_diffusers
 
+    if name is None:
+        from dmdr.families.registry import get_family
+
+        name = get_family(recipe).config_name(recipe)
     with quiet_diffusers():  # "modules that should be kept in float32: []" from .to(dtype) on meta modules
-        return _estimate(recipe)
+        return _estimate(recipe, name)
 
 
-def _estimate(recipe) -> MemoryEstimate:
+def _estimate(recipe, name: str) -> MemoryEstimate:
     from dmdr.models.standins import real_config, real_network
-    from dmdr.train.t2i_bundle import model_config_name
 
     m, g = recipe.model, recipe.generator
-    name = model_config_name(recipe)
     cfg = real_config(name)
     wbytes = DTYPE_BYTES[m.dtype]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]

@@ -28,7 +28,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dmdr import keys as K
 from dmdr.errors import UserError
 from dmdr.monitors import DIGITS_ONLY, Alarm, MonitorBank
 
@@ -88,12 +87,12 @@ class MonitorHook:
     # ---- validation ---------------------------------------------------------------------------------------------
     def _validate(self) -> None:
         r = self.tr.recipe
-        tiny = r.model.family == "tiny"
+        tiny = self.tr.family.has_eval_net   # the digits evaluation network and real data
         train = training_rewards(r)
         for c in self.cfg.checks:
             if c.kind in DIGITS_ONLY and not tiny:
                 raise UserError(f"monitors: check {c.label!r} (kind {c.kind}) needs the digits evaluation network; "
-                                f"model.family={r.model.family} supports heldout_reward, diversity, "
+                                f"model.family={self.tr.family.name} supports heldout_reward, diversity, "
                                 f"reward_saturation, x0_norm, brightness, saturation")
             if c.kind == "heldout_reward" and (c.reward.name, dict(c.reward.kwargs)) in train:
                 raise UserError(f"monitors: held-out reward {c.reward.name!r} is also a training reward; pick a "
@@ -104,7 +103,7 @@ class MonitorHook:
                                     f"none; set `reward:` or drop the check")
                 if c.ceiling is None and not tiny:
                     raise UserError(f"monitors: check {c.label!r} needs `ceiling:` (the saturated reward level) "
-                                    f"for model.family={r.model.family}")
+                                    f"for model.family={self.tr.family.name}")
 
     # ---- measuring ----------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -113,73 +112,33 @@ class MonitorHook:
     def _reward(self, name: str, kwargs: dict):
         key = f"{name}:{sorted(kwargs.items())}"
         if key not in self._rewards:
-            b = self.tr.bundle
-            factory = b.extra.get("build_reward")
-            if factory is None:
-                from dmdr.rewards import build_reward
-
-                factory = build_reward
-            self._rewards[key] = factory(name, **{"device": str(self.tr.device), **kwargs}).to(self.tr.device)
+            self._rewards[key] = self.tr.family.reward(self.tr.bundle, name, {"device": str(self.tr.device), **kwargs}
+                                                       ).to(self.tr.device)
         return self._rewards[key]
 
     def _fixed_inputs(self):
-        b, r, dev = self.tr.bundle, self.tr.recipe, self.tr.device
-        if "shared" in b.extra:
+        prompts = None
+        if self.cfg.prompts:
             from dmdr.data.prompts import load_prompts
 
-            prompts = load_prompts(self.cfg.prompts) if self.cfg.prompts else list(b.extra["sample_prompts"])
-            return {"prompts": prompts}
-        n, C = self.cfg.samples, r.data.num_classes
-        g = torch.Generator().manual_seed(777)
-        labels = torch.arange(n) % C
-        noise = torch.randn(n, *b.sample_shape, generator=g)
-        step_noise = None
-        if r.generator.backward_sim == "sde" and self.tr.grid.shape[0] > 2:
-            g2 = torch.Generator().manual_seed(778)
-            step_noise = torch.randn(self.tr.grid.shape[0] - 1, *noise.shape, generator=g2)
-        return {"labels": labels.to(dev), "noise": noise.to(dev),
-                "step_noise": None if step_noise is None else step_noise.to(dev)}
+            prompts = load_prompts(self.cfg.prompts)
+        return self.tr.family.sample_inputs(self.tr.bundle, "monitor", n=self.cfg.samples, prompts=prompts,
+                                            repeats=self.cfg.seeds)
 
     @torch.no_grad()
     def samples(self) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
         """(x0 in model space (N, ...), images (N, C, H, W) in [0, 1], reward cond, group ids (N,))."""
         if self._inputs is None:
             self._inputs = self._fixed_inputs()
-        b, r = self.tr.bundle, self.tr.recipe
-        b.generator_module.eval()
-        if "prompts" in self._inputs:
-            from dmdr.models.t2i import sample_t2i
-
-            prompts, res, g = self._inputs["prompts"], b.extra["resolution"], r.generator
-            lat = [sample_t2i(b.extra["shared"], None, prompts, steps=g.steps, shift=g.shift, height=res, width=res,
-                              seed=9000 + s, return_latents=True) for s in range(self.cfg.seeds)]
-            x0 = torch.cat(lat).float()
-            images = b.decode(torch.cat(lat)).float().clamp(0, 1)
-            cond = [p for _ in range(self.cfg.seeds) for p in prompts]
-            groups = torch.arange(len(prompts)).repeat(self.cfg.seeds)
-            return x0, images, cond, groups
-        from dmdr.samplers import few_step_rollout
-
-        inp, mode = self._inputs, r.generator.backward_sim
-        outs = []
-        for i in range(0, len(inp["labels"]), 500):
-            sn = None if inp["step_noise"] is None else inp["step_noise"][:, i:i + 500]
-            roll = few_step_rollout(b.generator, inp["noise"][i:i + 500], self.tr.grid, inp["labels"][i:i + 500],
-                                    mode=mode, step_noise=sn)
-            outs.append(roll[K.SAMPLE].float())
-        x0 = torch.cat(outs)
-        images = b.decode(x0).float().clamp(0, 1)
-        return x0, images, inp["labels"], inp["labels"].cpu()
+        fam, b, inp = self.tr.family, self.tr.bundle, self._inputs
+        x = fam.sample(b, inp)   # the student's own rollout on the fixed set
+        return x.float(), fam.decode(b, x).float().clamp(0, 1), inp.reward_cond, inp.groups
 
     def _ceiling(self, c, name: str, kwargs: dict) -> float:
         if c.ceiling is not None:
             return c.ceiling
-        if c.label not in self._ceilings:  # digits: the 99th percentile of the reward on real held-out digits
-            from dmdr.data.digits import load_digits_tensors, to_unit
-
-            x, y = load_digits_tensors("holdout")
-            r = self._reward(name, kwargs)(to_unit(x).to(self.tr.device), y.to(self.tr.device)).float()
-            self._ceilings[c.label] = float(torch.quantile(r.cpu(), 0.99))
+        if c.label not in self._ceilings:  # the family's saturated level on real data (digits: p99 on hold-out)
+            self._ceilings[c.label] = self.tr.family.reward_ceiling(self.tr.bundle, self._reward(name, kwargs))
         return self._ceilings[c.label]
 
     @torch.no_grad()
@@ -194,7 +153,7 @@ class MonitorHook:
         x0, images, cond, groups = self.samples()
         kinds = {c.kind for c in self.cfg.checks}
         vals: dict[str, float] = {"x0_norm": float(x0.flatten(1).pow(2).mean(1).sqrt().mean()), **image_stats(images)}
-        tiny = "prompts" not in self._inputs
+        tiny = self.tr.family.has_eval_net
         if tiny and kinds & {"fid", "recall", "accuracy", "diversity"}:
             from dmdr.eval.metrics import fid_from_features, knn_precision_recall
             from dmdr.eval.report import features_and_logits, real_features
