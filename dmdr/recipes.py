@@ -84,7 +84,7 @@ class LoRA(Strict):
 class Model(Strict):
     """The teacher and its family (tiny digits DiT, SD3/SD3.5, SDXL) and how it is loaded."""
 
-    family: Literal["tiny", "sd3", "sdxl"] = "tiny"
+    family: Literal["tiny", "sd3", "sdxl", "zimage"] = "tiny"
     teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
                          "directory, or builtin:digits-teacher")
     # tiny DiT architecture (used by task=teacher to build a new model; loaded models carry their own config)
@@ -102,7 +102,7 @@ class Model(Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="weights dtype of the frozen base (T2I)")
     offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
     max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
-    config: Literal["sd3-medium", "sd35-large", "sdxl-base"] | None = Field(
+    config: Literal["sd3-medium", "sd35-large", "sdxl-base", "z-image"] | None = Field(
         None, description="shipped real configuration (dmdr/models/configs): --smoke stand-ins and the --dry-run "
         "memory estimate; default: sd3-medium for sd3, sdxl-base for sdxl")
     vae_gradient_checkpointing: bool = Field(False, description="activation checkpointing in the VAE decoder used "

@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "tiny": "dmdr.families.digits:DigitsFamily",
     "sd3": "dmdr.families.sd3:SD3Family",
     "sdxl": "dmdr.families.sdxl:SDXLFamily",
+    "zimage": "dmdr.families.zimage:ZImageFamily",
 }
 """Registered families: ``model.family`` value -> ``module:Class``."""
 

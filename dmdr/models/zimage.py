@@ -28,7 +28,8 @@ read from diffusers 0.42.1's ``pipelines/z_image/pipeline_z_image.py`` and ``tra
   ``use_dynamic_shifting: false``), which is exactly dmdr's :func:`dmdr.schedules.few_step_grid` ``(N, 3, t_min=0)``
   (tested), so a student trained on dmdr's 8-step grid samples identically in ``ZImagePipeline``.
 * **LoRA**: attention ``to_q, to_k, to_v, to_out.0`` of every block (noise/context refiners and main layers);
-  :func:`export_zimage_lora` writes a file ``ZImagePipeline.load_lora_weights`` loads.
+  the shared export (:func:`dmdr.models.t2i_export.export_lora_diffusers`, through ``PIPELINE_CLASS``) writes a
+  file ``ZImagePipeline.load_lora_weights`` loads.
 
 >>> comps = zimage_standin_components(seed=0)
 >>> comps.denoiser(torch.randn(2, 16, 4, 4), torch.rand(2), comps.encoder(["a cat", "a dog"])).shape
@@ -46,8 +47,8 @@ from tensordict import TensorDict
 from torch import Tensor, nn
 
 from dmdr import keys as K
-from dmdr.models.t2i import (DiffusersDenoiser, LORA_WEIGHT_NAME, PROMPT_EMBEDS, LoraSpec, T2IComponents,
-                             TextEncoderStack, check_local_model_dir)
+from dmdr.models.t2i_components import (DiffusersDenoiser, PROMPT_EMBEDS, LoraSpec, T2IComponents, TextEncoderStack,
+                                        check_local_model_dir)
 from dmdr.paths import FlowMatching
 
 CONFIG_FILE = Path(__file__).parent / "configs" / "z-image.json"
@@ -68,6 +69,7 @@ class ZImageDenoiser(DiffusersDenoiser):
 
     family = "zimage"
     network_subfolder = "transformer"
+    PIPELINE_CLASS = "ZImagePipeline"
     DEFAULT_GENERATOR_LORA = LoraSpec(rank=64, alpha=128, target_modules=ZIMAGE_LORA_TARGETS)
     DEFAULT_CRITIC_LORA = LoraSpec(rank=32, alpha=32, target_modules=ZIMAGE_LORA_TARGETS)
 
@@ -256,29 +258,7 @@ def load_zimage(path: str | Path | None, *, dtype: torch.dtype | None = None, de
     return comps
 
 
-# ---- export -------------------------------------------------------------------------------------------------------
-def export_zimage_lora(net: nn.Module, out_dir: str | Path, *, adapter: str = "generator",
-                       dtype: torch.dtype | None = None) -> Path:
-    """Write LoRA ``adapter`` of the Z-Image network ``net`` as ``out_dir/pytorch_lora_weights.safetensors``
-    (``transformer.``-prefixed peft keys, the LoRA config in the metadata) with ``ZImagePipeline.save_lora_weights``;
-    load it with ``ZImagePipeline.load_lora_weights(out_dir)``. Returns the file."""
-    from diffusers import ZImagePipeline
-    from peft import get_peft_model_state_dict
-
-    if adapter not in getattr(net, "peft_config", {}):
-        raise ValueError(f"the network has no LoRA adapter named {adapter!r}")
-    state = get_peft_model_state_dict(net, adapter_name=adapter)
-    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
-    cfg = getattr(net, "peft_config", {}).get(adapter)
-    meta = None if cfg is None else json.loads(json.dumps(
-        cfg.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ZImagePipeline.save_lora_weights(out, transformer_lora_layers=state, transformer_lora_adapter_metadata=meta)
-    return out / LORA_WEIGHT_NAME
-
-
 __all__ = ["PROMPT_MASK", "QWEN3_CHAT_TEMPLATE_SUBSET", "ZIMAGE_LORA_TARGETS", "ZIMAGE_MAX_SEQUENCE_LENGTH",
-           "ZIMAGE_SCHEDULER_SHIFT", "ZIMAGE_T_MIN", "ZImageDenoiser", "ZImageTextEncoder", "export_zimage_lora",
-           "load_zimage", "real_zimage_network", "shrink_zimage_config", "tiny_qwen_tokenizer", "zimage_config",
+           "ZIMAGE_SCHEDULER_SHIFT", "ZIMAGE_T_MIN", "ZImageDenoiser", "ZImageTextEncoder", "load_zimage",
+           "real_zimage_network", "shrink_zimage_config", "tiny_qwen_tokenizer", "zimage_config",
            "zimage_standin_components", "zimage_timestep"]

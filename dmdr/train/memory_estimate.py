@@ -104,8 +104,8 @@ def _fused_attention():
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, *args, **kwargs):
-        return _FusedAttention.apply(q, k, v)
+    def sdpa(query, key, value, *args, **kwargs):  # keyword names as torch's (diffusers' dispatcher passes them)
+        return _FusedAttention.apply(query, key, value)
 
     F.scaled_dot_product_attention = sdpa
     try:
