@@ -118,3 +118,15 @@ def test_cli_smoke_train_then_sample(tmp_path):
                                    str(png)])
     assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_activation_trace_counts_attention_called_with_keywords_as_a_fused_kernel():
+    # diffusers' attention dispatcher (Z-Image, FLUX) calls scaled_dot_product_attention(query=..., key=..., value=...)
+    import torch.nn.functional as F
+
+    from dmdr.train.memory_estimate import saved_activation_bytes
+
+    q, k, v = (torch.empty(1, 2, 64, 8, device="meta", requires_grad=True) for _ in range(3))
+    kw = saved_activation_bytes(lambda: F.scaled_dot_product_attention(query=q, key=k, value=v), [])
+    pos = saved_activation_bytes(lambda: F.scaled_dot_product_attention(q, k, v), [])
+    assert kw == pos == 4 * (4 * 2 * 64 * 8) + 4 * 2 * 64            # q, k, v, out (fp32) + fp32 log-sum-exp; no S×S
