@@ -200,6 +200,24 @@ def test_independent_uses_the_dm_sampler_and_unknown_schedule_fails():
         sample_ca_tau(torch.ones(3), 0, "nope")
 
 
+def test_the_first_grid_time_counts_as_pure_noise_for_tau_ca():
+    # SDXL's one-step grid is [0.399, 0] with a pure-noise input at 0.399: nothing is resolved, τ_CA spans (0, 1)
+    from dmdr.losses.decoupled_dmd import decoupled_dmd_terms
+
+    real, fake = _Lin(1), _Lin(2)
+    dmd = validate_recipe(_dmdr(cfg=2.0, decoupled={"enabled": True}, dynars={"enabled": False})).dmd
+    x0 = torch.randn(400, 3, 4, 4, dtype=D)
+    s = torch.full((400,), 0.399, dtype=D)
+    cond = torch.zeros(400, dtype=torch.long)
+    kw = dict(real=real, fake=fake, cfg_scale=2.0, tau_dm=torch.rand(400, dtype=D), step=0, dmd=dmd)
+    torch.manual_seed(0)
+    first = decoupled_dmd_terms(x0, s, cond, real.null_cond(cond), t_first=0.399, **kw)
+    torch.manual_seed(0)
+    later = decoupled_dmd_terms(x0, s, cond, real.null_cond(cond), t_first=1.0, **kw)
+    assert float(first["tau_ca"]) == pytest.approx(float(later["tau_ca"]) / 0.399, rel=1e-5)  # same u: 1·u vs s·u
+    assert float(first["tau_ca"]) > 0.399 / 2 + 0.1
+
+
 # ---------------------------------------------------------------- recipe option
 def _dmdr(**dmd):
     return {"task": "dmdr", "name": "t", "stages": [{"name": "a", "steps": 1}], "dmd": dmd}

@@ -139,11 +139,15 @@ def decoupled_dmd_loss(x0_pred: Tensor, targets: TensorDict, cfg_scale: float, *
 def decoupled_dmd_terms(x0_pred: Tensor, s: Tensor, cond: Any, uncond: Any, *, real: Denoiser, fake: Denoiser,
                         cfg_scale: float, tau_dm: Tensor, step: int, dmd: Any, tau_sampler=None,
                         advantage: Tensor | None = None, sample_weights: Tensor | None = None, weight: float = 1.0,
-                        autocast=contextlib.nullcontext) -> TensorDict:
+                        autocast=contextlib.nullcontext, t_first: float = 1.0) -> TensorDict:
     """One generator step's Decoupled DMD term, as the trainers call it: draw τ_CA (:func:`sample_ca_tau`, schedule
     ``dmd.decoupled.ca_tau``), two fresh noises, the scores (:func:`decoupled_targets`, under ``autocast()``), then
     :func:`decoupled_dmd_loss`. ``dmd`` is the recipe's ``dmd`` section; ``tau_sampler`` the trainer's τ_DM sampler
-    (B -> (B,)); ``real`` / ``fake`` the real (λ_r, DynaDG) and fake (λ_f) views. Adds the diagnostic ``tau_ca``."""
+    (B -> (B,)); ``real`` / ``fake`` the real (λ_r, DynaDG) and fake (λ_f) views. Adds the diagnostic ``tau_ca``.
+
+    ``t_first`` is the first grid time: a generator evaluated there sees pure noise (SDXL's one-step grid starts at
+    0.399 on a pure-noise input), so it counts as s = 1 for τ_CA: nothing is resolved yet."""
+    s = torch.where(s >= t_first - 1e-6, torch.ones_like(s), s)
     rs = dmd.dynars
     tau_ca = sample_ca_tau(s, step, dmd.decoupled.ca_tau, horizon=rs.horizon if rs.enabled else 0, alpha0=rs.alpha0,
                            beta0=rs.beta0, floor=dmd.tau_floor, ceiling=dmd.tau_ceiling, tau_dm_sampler=tau_sampler)

@@ -274,7 +274,7 @@ class DMDRTrainer:
             td = TensorDict({K.X0_PRED: x0_pred}, batch_size=[x0_pred.shape[0]])
             terms = [decoupled_dmd_terms(x0_pred, s, cond, uncond, real=b.critic_view(lam_r), fake=b.critic_view(
                 r.critic.scale_fake), cfg_scale=w, tau_dm=tau, step=st.global_step, dmd=r.dmd, tau_sampler=self.sample_tau,
-                autocast=lambda: autocast(dev, r.runtime.precision))]
+                autocast=lambda: autocast(dev, r.runtime.precision), t_first=float(self.grid[0]))]
         else:
             td = self.distribution_matching(x0_pred, cond, uncond, cfg_scale=w, tau=tau)
             terms = [dmd_loss(td)]

@@ -260,7 +260,8 @@ class GRPOTrainer(DMDRTrainer):
                     r.critic.scale_fake), cfg_scale=w, tau_dm=self.sample_tau(x.shape[0]), step=self.state.global_step,
                 dmd=r.dmd, tau_sampler=self.sample_tau, advantage=mb[PK.advantage] if ca_adv else None,
                 sample_weights=advantage_weights(mb[PK.advantage], rl.adw_temperature) if adw and not ca_adv else None,
-                weight=rl.reg_weight, autocast=lambda: autocast(self.device, r.runtime.precision))
+                weight=rl.reg_weight, autocast=lambda: autocast(self.device, r.runtime.precision),
+                t_first=float(self.grid[0]))
         if rl.regularizer == "dmd_ca_adv":
             return self.dmd_ca_adv_term(x0_pred, cond, mb[PK.advantage], w)
         td = self.distribution_matching(x0_pred, cond, b.base.null_cond(cond), cfg_scale=w,
