@@ -19,7 +19,7 @@ Contract: ``denoiser(x_t (B,4,h,w), t (B,) ∈ [0,1], cond) -> ε̂ (B,4,h,w)`` 
   lora_scale=s)`` forwards ``cross_attention_kwargs={"scale": s}`` for LoRAs loaded through diffusers.
 * **Generator**: the official SDXL generator is a *full* fine-tune of DMD2's ODE-pretrained one-step UNet (a second
   network; the SDXL base stays teacher and critic base). dmdr expresses it with ``generator.lora: null`` and
-  ``generator.init`` (:mod:`dmdr.train.t2i_bundle`); a generator LoRA on the shared base is the other option.
+  ``generator.init`` (:mod:`dmdr.families.diffusers_t2i`); a generator LoRA on the shared base is the other option.
 """
 from __future__ import annotations
 
