@@ -84,7 +84,7 @@ class LoRA(Strict):
 class Model(Strict):
     """The teacher and its family (tiny digits DiT, SD3/SD3.5, SDXL) and how it is loaded."""
 
-    family: Literal["tiny", "sd3", "sdxl", "flux1", "flux2", "wan"] = "tiny"
+    family: Literal["tiny", "sd3", "sdxl", "flux1", "flux2", "wan", "zimage"] = "tiny"
     teacher: str = Field("builtin:digits-teacher", description="teacher weights: a .safetensors file, a diffusers "
                          "directory, or builtin:digits-teacher")
     # tiny DiT architecture (used by task=teacher to build a new model; loaded models carry their own config)
@@ -103,7 +103,7 @@ class Model(Strict):
     offload_idle: bool = Field(False, description="move the VAE and text encoders to CPU when idle (T2I)")
     max_sequence_length: int = Field(128, ge=1, description="T5 tokens for SD3 prompts")
     config: Literal["sd3-medium", "sd35-large", "sdxl-base", "flux1-dev", "flux2-klein-4b",
-                    "flux2-klein-9b", "wan2.1-t2v-1.3b"] | None = Field(
+                    "flux2-klein-9b", "wan2.1-t2v-1.3b", "z-image"] | None = Field(
         None, description="shipped real configuration (dmdr/models/configs): --smoke stand-ins and the --dry-run "
         "memory estimate; default: sd3-medium for sd3, sdxl-base for sdxl")
     vae_gradient_checkpointing: bool = Field(False, description="activation checkpointing in the VAE decoder used "
@@ -229,6 +229,16 @@ class DynaRS(Strict):
     horizon: int = Field(1000, ge=0)
 
 
+class Decoupled(Strict):
+    """Decoupled DMD: the CFG-augmentation (CA) term at its own renoise level τ_CA, the distribution-matching term at
+    the DMD τ (method.md §6.3; dmdr/losses/decoupled_dmd.py; docs/decoupled_dmd.md)."""
+
+    enabled: bool = False
+    ca_tau: Literal["below_gen", "annealed", "independent"] = Field(
+        "below_gen", description="τ_CA: below_gen = U(0, s) below the generator time s (Decoupled DMD); annealed = "
+        "DynaRS annealed from DMDR's schedule to below_gen (DMDR issue #4); independent = the DMD sampler, redrawn")
+
+
 class DMD(Strict):
     """The DMD term: real-score CFG with jitter, DynaDG, DynaRS, τ floor, weight (method.md §2.4-2.7)."""
 
@@ -239,11 +249,18 @@ class DMD(Strict):
     tau_floor: float = Field(0.0, ge=0, lt=1, description="lower clamp of τ (official: 0)")
     tau_ceiling: float = Field(1.0, gt=0, le=1, description="upper bound of τ (DMD2: 0.98; official DMDR: 1)")
     weight: float = Field(1.0, ge=0, description="weight of the DMD term in the generator loss")
+    decoupled: Decoupled = Field(default_factory=Decoupled)
 
     @model_validator(mode="after")
     def _tau_range(self):
         if self.tau_floor >= self.tau_ceiling:
             raise ValueError(f"dmd.tau_floor={self.tau_floor} must be below dmd.tau_ceiling={self.tau_ceiling}")
+        if self.decoupled.enabled and self.cfg <= 1.0:
+            raise ValueError(f"dmd.decoupled needs real-score CFG: its CFG-augmentation term is (w - 1)(cond - uncond), "
+                             f"zero at dmd.cfg={self.cfg}; set dmd.cfg > 1 (e.g. dmd.cfg=2.0) or dmd.decoupled.enabled=false")
+        if self.decoupled.enabled and self.decoupled.ca_tau == "annealed" and not self.dynars.enabled:
+            raise ValueError("dmd.decoupled.ca_tau=annealed anneals DynaRS into the Decoupled DMD schedule and needs "
+                             "dmd.dynars.enabled=true; use dmd.decoupled.ca_tau=below_gen without DynaRS")
         return self
 
 

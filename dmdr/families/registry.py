@@ -19,6 +19,7 @@ FAMILIES: dict[str, str] = {
     "flux1": "dmdr.families.flux:Flux1Family",
     "flux2": "dmdr.families.flux:Flux2Family",
     "wan": "dmdr.families.wan:WanFamily",
+    "zimage": "dmdr.families.zimage:ZImageFamily",
 }
 """Registered families: ``model.family`` value -> ``module:Class``."""
 

@@ -268,8 +268,16 @@ class DMDRTrainer:
         with autocast(dev, r.runtime.precision):
             x_s = path.renoise(x_clean, s, torch.randn_like(x_clean))
             x0_pred = path.to_x0(x_s, s, b.generator(x_s, s, cond)).float()
-        td = self.distribution_matching(x0_pred, cond, uncond, cfg_scale=w, tau=tau)
-        terms = [dmd_loss(td)]
+        if r.dmd.decoupled.enabled:  # CA and DM at separate renoise levels (method.md §6.3, losses/decoupled_dmd.py)
+            from dmdr.losses.decoupled_dmd import decoupled_dmd_terms
+
+            td = TensorDict({K.X0_PRED: x0_pred}, batch_size=[x0_pred.shape[0]])
+            terms = [decoupled_dmd_terms(x0_pred, s, cond, uncond, real=b.critic_view(lam_r), fake=b.critic_view(
+                r.critic.scale_fake), cfg_scale=w, tau_dm=tau, step=st.global_step, dmd=r.dmd, tau_sampler=self.sample_tau,
+                autocast=lambda: autocast(dev, r.runtime.precision), t_first=float(self.grid[0]))]
+        else:
+            td = self.distribution_matching(x0_pred, cond, uncond, cfg_scale=w, tau=tau)
+            terms = [dmd_loss(td)]
         terms[0]["loss_dmd"] = terms[0]["loss_dmd"] * r.dmd.weight
         if stage.rewards:
             images = b.decode(x0_pred)

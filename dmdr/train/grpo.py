@@ -133,6 +133,9 @@ class GRPOTrainer(DMDRTrainer):
         if rl.regularizer == "dmd_ca_adv" and recipe.dmd.cfg <= 1.0:
             raise UserError("rl.regularizer=dmd_ca_adv multiplies the CFG-augmentation term by the advantage, which "
                             "is zero at dmd.cfg = 1; set dmd.cfg > 1 (e.g. --set dmd.cfg=2.0)")
+        if recipe.dmd.decoupled.enabled and not self.uses_dmd:
+            raise UserError(f"dmd.decoupled changes the DMD regulariser, but rl.regularizer={rl.regularizer} uses none; "
+                            "set rl.regularizer to dmd, dmd_adv or dmd_ca_adv, or dmd.decoupled.enabled=false")
         self.step_module: StudentStep = self.actor.module[0].module
         self.reference: StudentStep | None = None
         if rl.regularizer == "kl":
@@ -249,6 +252,17 @@ class GRPOTrainer(DMDRTrainer):
         w = sample_cfg_scale(r.dmd.cfg, r.dmd.cfg_jitter)
         with autocast(self.device, r.runtime.precision):
             x0_pred = b.path.to_x0(x, t, b.generator(x, t, cond)).float()
+        if r.dmd.decoupled.enabled:  # CA at its own τ (losses/decoupled_dmd.py); dmd_ca_adv: CA × advantage
+            from dmdr.losses.decoupled_dmd import decoupled_dmd_terms
+
+            ca_adv, adw = rl.regularizer == "dmd_ca_adv", rl.advantage_weighted_dmd or rl.regularizer == "dmd_adv"
+            return decoupled_dmd_terms(
+                x0_pred, t, cond, b.base.null_cond(cond), real=b.critic_view(self.lambda_real()), fake=b.critic_view(
+                    r.critic.scale_fake), cfg_scale=w, tau_dm=self.sample_tau(x.shape[0]), step=self.state.global_step,
+                dmd=r.dmd, tau_sampler=self.sample_tau, advantage=mb[PK.advantage] if ca_adv else None,
+                sample_weights=advantage_weights(mb[PK.advantage], rl.adw_temperature) if adw and not ca_adv else None,
+                weight=rl.reg_weight, autocast=lambda: autocast(self.device, r.runtime.precision),
+                t_first=float(self.grid[0]))
         if rl.regularizer == "dmd_ca_adv":
             return self.dmd_ca_adv_term(x0_pred, cond, mb[PK.advantage], w)
         td = self.distribution_matching(x0_pred, cond, b.base.null_cond(cond), cfg_scale=w,

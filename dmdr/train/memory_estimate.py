@@ -104,9 +104,8 @@ def _fused_attention():
 
     original = F.scaled_dot_product_attention
 
-    def sdpa(*args, **kwargs):  # positional (q, k, v) or diffusers' native backend's query=/key=/value=
-        q, k, v = (list(args[:3]) + [kwargs.get(n) for n in ("query", "key", "value")[len(args[:3]):]])
-        return _FusedAttention.apply(q, k, v)
+    def sdpa(query, key, value, *args, **kwargs):  # keyword names as torch's (diffusers' dispatcher passes them)
+        return _FusedAttention.apply(query, key, value)
 
     F.scaled_dot_product_attention = sdpa
     try:
