@@ -397,7 +397,11 @@ def load(tr, path: Path, tensors: dict, state: dict) -> None:
                 target[which] = get_optimizer_state_dict(_opt_owner(tr, which), getattr(tr, which))["state"]
         if tr.ema is None:
             target.pop("ema", None)
-        dcp.load(target, storage_reader=_safe_reader(path))
+        import warnings
+
+        with warnings.catch_warnings():  # a plain (no torchrun) resume: DCP's "load in a single process" notice
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, storage_reader=_safe_reader(path))
         bad = local_non_finite({n: target[n] for n in ("generator", "critic", "ema") if n in target})
         if tr.dist.any(bool(bad)):
             raise ValueError(f"non-finite weights in {', '.join(bad) or 'a shard of another rank'}")

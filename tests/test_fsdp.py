@@ -1,0 +1,309 @@
+"""FSDP2 (``runtime.distributed: fsdp2``) on CPU with gloo: per-block sharding, DCP checkpoints, resharding resume.
+
+Fast tests run one rank in this process (a 1-process gloo group, torchrun's variables set by monkeypatch);
+the ``slow`` ones launch ``torchrun`` with 2 (and 1) processes: ``pytest -m slow tests/test_fsdp.py``."""
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmdr.train import checkpoint as ckpt
+from dmdr.train import fsdp
+from dmdr.train.distributed import DistributedError, setup
+from dmdr.train.runtime import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+VOLATILE = ("time", "gen_steps_per_s")
+
+
+def _recipe(teacher: str, mode: str = "fsdp2", **runtime) -> dict:
+    return {"task": "dmdr", "name": "fsdp", "seed": 0, "runtime": {"device": "cpu", "distributed": mode, **runtime},
+            "model": {"teacher": teacher}, "critic": {"lora": {"rank": 4, "alpha": 4}},
+            "generator": {"steps": 2}, "dmd": {"cfg": 2.0, "dynadg": {"horizon": 4}, "dynars": {"horizon": 4}},
+            "optim": {"ratio": 2, "lr_gen": 1e-3, "lr_critic": 1e-3, "ema_decay": 0.9},
+            "stages": [{"name": "cold", "steps": 3, "batch_size": 4},
+                       {"name": "joint", "steps": 2, "batch_size": 4,
+                        "rewards": [{"name": "digits_classifier", "weight": 0.1}]}],
+            "logging": {"log_every": 1, "sample_every": 0, "checkpoint_every": 2, "keep_last": 5, "progress": False}}
+
+
+def _records(run: Path):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run / "metrics.jsonl")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """torchrun's environment for a 1-process launch; the process group is destroyed afterwards."""
+    import torch.distributed as dist
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DMDR_DISTRIBUTED", raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _train(recipe: dict, out: Path, *, resume=False, stop_at=None):
+    from dmdr.recipes import validate_recipe
+    from dmdr.train.dmdr import DMDRTrainer
+    from dmdr.train.runtime import prepare_run_dir, seed_everything
+
+    r = validate_recipe(recipe)
+    prepare_run_dir(out, resume=resume, force=False)
+    seed_everything(r.seed)
+    tr = DMDRTrainer(r, out, torch.device("cpu"), console=lambda *a, **k: None)
+    tr.run(resume=resume, stop_at=stop_at)
+    from dmdr.train.rundir import release_lock
+
+    release_lock(out)
+    return tr
+
+
+def _full(tr) -> dict:
+    out = {n: fsdp.full_state(sd) for n, sd in tr.tensors().items()}
+    for which in ("opt_gen", "opt_critic"):
+        st = getattr(tr, which).state_dict()["state"]
+        out[which] = {f"{i}.{k}": fsdp.full(v) for i, s in st.items() for k, v in s.items()}
+    return out
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert a[n].keys() == b[n].keys(), n
+        for k in a[n]:
+            assert torch.equal(a[n][k], b[n][k]), f"{n}.{k}"
+
+
+# ---- fast: errors and sharding plan ---------------------------------------------------------------------------------
+def test_fsdp2_needs_torchrun_and_a_supported_layout(monkeypatch, tiny_teacher):
+    from dmdr.recipes import validate_recipe
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DMDR_DISTRIBUTED"):
+        monkeypatch.delenv(k, raising=False)
+    r = validate_recipe(_recipe(tiny_teacher))
+    with pytest.raises(DistributedError, match=r"^runtime.distributed=fsdp2 needs a torchrun launch: torchrun "):
+        setup(r)
+    bad = _recipe(tiny_teacher)
+    bad["critic"] = {"lora": None}
+    with pytest.raises(DistributedError, match="does not support critic.lora: null"):
+        fsdp.check_layout(validate_recipe(bad))
+    ddp = validate_recipe(_recipe(tiny_teacher, "ddp", fsdp={"param_dtype": "bf16"}))
+    with pytest.raises(DistributedError, match=r"runtime.fsdp.param_dtype is set but the distributed mode is ddp"):
+        setup(ddp)
+    with pytest.raises(Exception, match="param_dtype"):
+        validate_recipe(_recipe(tiny_teacher, fsdp={"param_dtype": "fp16"}))
+
+
+def test_block_units_of_the_model_families():
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from dmdr.models.tiny import TinyDiT, TinyDiTConfig
+
+    tiny = TinyDiT(TinyDiTConfig(dim=32, depth=3, heads=2))
+    assert fsdp.block_modules(tiny) == list(tiny.blocks)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4)
+    assert fsdp.block_modules(sd3) == list(sd3.transformer_blocks)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                  axes_dims_rope=(2, 2, 4))
+    assert fsdp.block_modules(flux) == list(flux.transformer_blocks) + list(flux.single_transformer_blocks)
+
+
+def test_dcp_metadata_reader_refuses_code():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|not allowed"):
+        fsdp._MetadataUnpickler(__import__("io").BytesIO(pickle.dumps(Evil()))).load()
+    ok = pickle.dumps({"size": torch.Size([2, 3]), "dtype": torch.bfloat16})
+    assert fsdp._MetadataUnpickler(__import__("io").BytesIO(ok)).load() == {"size": torch.Size([2, 3]),
+                                                                          "dtype": torch.bfloat16}
+
+
+# ---- fast: one rank in this process -----------------------------------------------------------------------------------
+def test_fsdp2_one_rank_equals_plain_run_and_resumes_exactly(one_rank, tiny_teacher, tmp_path):
+    """FSDP2 with 1 process: sharded DTensor parameters, the same bits as a plain single-process run, DCP
+    checkpoints (manifest format dcp, .metadata checksummed), stop at 3 + resume = the uninterrupted run; a plain
+    (no torchrun) process resumes the DCP checkpoint to the same bits."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = _train(_recipe(tiny_teacher), tmp_path / "fsdp")
+    assert sharded.dist.sharded and isinstance(sharded.bundle.critic_params[0], DTensor)
+    assert isinstance(sharded.bundle.generator_params[0], DTensor)
+    assert all(isinstance(v, DTensor) for s in sharded.opt_gen.state.values() for k, v in s.items() if k != "step")
+    got = _full(sharded)
+    last = ckpt.list_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1]
+    manifest = json.loads((last / "COMPLETE").read_text())
+    assert manifest["format"] == "dcp" and manifest["world_size"] == 1
+    assert {".metadata", "__0_0.distcp", "state.pt", "recipe.yaml"} <= set(manifest["sha256"])
+    ckpt.verify_checkpoint(last)
+    assert (tmp_path / "fsdp" / "student.safetensors").exists()
+
+    cut = _train(_recipe(tiny_teacher), tmp_path / "cut", stop_at=3)
+    assert cut.state.global_step == 3
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut-plain")
+    resumed = _train(_recipe(tiny_teacher), tmp_path / "cut", resume=True)
+    _assert_equal(_full(resumed), got)
+    assert _records(tmp_path / "cut") == _records(tmp_path / "fsdp")
+
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    os.environ.pop("WORLD_SIZE")  # no torchrun: the plain trainer
+    plain = _train(_recipe(tiny_teacher, "none"), tmp_path / "plain")
+    assert not plain.dist.sharded
+    _assert_equal(_full(plain), got)  # FSDP2 at world size 1 is bitwise the plain run
+    from_dcp = _train(_recipe(tiny_teacher, "none"), tmp_path / "cut-plain", resume=True)
+    _assert_equal(_full(from_dcp), got)  # the plain trainer reads DCP shards into whole tensors
+
+
+def test_fsdp2_bf16_policy_keeps_fp32_master_weights(one_rank, tiny_teacher, tmp_path):
+    rec = _recipe(tiny_teacher, fsdp={"param_dtype": "bf16", "reduce_dtype": "fp32"})
+    rec["stages"] = rec["stages"][:1]
+    tr = _train(rec, tmp_path / "bf16")
+    p = tr.bundle.critic_params[0]
+    assert p.dtype == torch.float32 and tr.state.global_step == 3
+    assert tr.bundle.base.blocks[0]._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
+    plain = {n: fsdp.full_state(sd) for n, sd in tr.tensors().items()}
+    assert all(bool(torch.isfinite(v).all()) for sd in plain.values() for v in sd.values())
+
+
+def test_fsdp2_resumes_a_single_process_checkpoint(one_rank, tiny_teacher, tmp_path, monkeypatch):
+    """The existing format stays loadable: a plain run's safetensors checkpoint resumes under FSDP2 (whole tensors
+    distributed into shards) with the same bits as the plain run resumed in one process."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with monkeypatch.context() as m:
+        m.delenv("WORLD_SIZE")
+        _train(_recipe(tiny_teacher, "none"), tmp_path / "a", stop_at=3)
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        plain = _train(_recipe(tiny_teacher, "none"), tmp_path / "a", resume=True)
+        assert not (ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")[-1] / ".metadata").exists()
+    assert not dist.is_initialized()
+    sharded = _train(_recipe(tiny_teacher), tmp_path / "b", resume=True)
+    assert sharded.dist.sharded
+    _assert_equal(_full(sharded), _full(plain))
+
+
+# ---- slow: torchrun, 2 processes ------------------------------------------------------------------------------------
+WORKER = textwrap.dedent('''
+    import hashlib, json, sys
+    from pathlib import Path
+    import torch
+    from dmdr.recipes import validate_recipe
+    from dmdr.train import fsdp
+    from dmdr.train.dmdr import DMDRTrainer
+    from dmdr.train.runtime import prepare_run_dir, resolve_device, seed_everything
+
+    recipe = validate_recipe(json.loads(Path(sys.argv[1]).read_text()))
+    out, reports, how = Path(sys.argv[2]).resolve(), Path(sys.argv[3]), sys.argv[4]
+    stop_at = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    dev = resolve_device("cpu")
+    prepare_run_dir(out, resume=how != "fresh", force=False)
+    seed_everything(recipe.seed)
+    tr = DMDRTrainer(recipe, out, dev, console=print)
+    if how == "load":   # read the newest checkpoint, train nothing
+        tr.resume()
+    else:
+        tr.run(resume=how == "resume", stop_at=stop_at)
+    full = {n: fsdp.full_state(sd) for n, sd in tr.tensors().items()}
+    for which in ("opt_gen", "opt_critic"):
+        st = getattr(tr, which).state_dict()["state"]
+        full[which] = {f"{i}.{k}": fsdp.full(v) for i, s in st.items() for k, v in s.items()}
+    h = hashlib.sha256()
+    for name, sd in sorted(full.items()):
+        for k, v in sorted(sd.items()):
+            h.update(name.encode() + k.encode() + v.contiguous().numpy().tobytes())
+    local = sum(fsdp.local(p).numel() for p in tr.bundle.critic_params)
+    if tr.dist.is_main:
+        torch.save(full, reports / "full.pt")
+    (reports / f"rank{tr.dist.rank}.json").write_text(json.dumps({
+        "world": tr.dist.world_size, "mode": tr.dist.mode, "digest": h.hexdigest(), "step": tr.state.global_step,
+        "critic_local_numel": local, "critic_numel": sum(p.numel() for p in tr.bundle.critic_params)}))
+''')
+
+
+def _torchrun(nproc: int, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("DMDR_DISTRIBUTED", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    for _ in range(2):  # one retry: gloo on a loaded machine occasionally aborts at start-up (ecosystem.md §5)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if res.returncode == 0 or "SIGABRT" not in res.stderr:
+            return res
+    return res
+
+
+def _launch(tmp_path, nproc, run, how, *extra, mode="fsdp2", teacher):
+    rec = tmp_path / f"recipe-{mode}.json"
+    rec.write_text(json.dumps(_recipe(teacher, mode)))
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    reports = tmp_path / f"rep-{run}-{how}-{nproc}"
+    reports.mkdir()
+    res = _torchrun(nproc, worker, rec, tmp_path / run, reports, how, *extra)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reps = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return reps, torch.load(reports / "full.pt", weights_only=True), res.stdout
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_match_ddp_and_resume_is_exact(tiny_teacher, tmp_path):
+    """2 gloo processes: parameters are halved per rank, the run equals the DDP run (same per-rank data), the
+    checkpoint is DCP (one shard file per rank), and stop at 3 + resume (2 processes) is bitwise the full run."""
+    full, w, _ = _launch(tmp_path, 2, "full", "fresh", teacher=tiny_teacher)
+    assert [r["world"] for r in full] == [2, 2] and full[0]["digest"] == full[1]["digest"]
+    assert all(r["critic_local_numel"] * 2 == r["critic_numel"] for r in full)  # sharded, not replicated
+    assert [r["step"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    last = ckpt.list_checkpoints(tmp_path / "full" / "checkpoints")[-1]
+    assert {f.name for f in last.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt", "COMPLETE"}
+    ddp, w_ddp, _ = _launch(tmp_path, 2, "ddp", "fresh", mode="ddp", teacher=tiny_teacher)
+    for n in ("generator", "critic", "ema"):
+        for k in w[n]:
+            torch.testing.assert_close(w[n][k], w_ddp[n][k], rtol=1e-5, atol=1e-6)
+    cut, _, _ = _launch(tmp_path, 2, "cut", "fresh", 3, teacher=tiny_teacher)
+    assert cut[0]["step"] == 3
+    resumed, _, _ = _launch(tmp_path, 2, "cut", "resume", teacher=tiny_teacher)
+    assert resumed[0]["digest"] == resumed[1]["digest"] == full[0]["digest"]
+    assert _records(tmp_path / "cut") == _records(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_dcp_checkpoint_reshards_across_world_sizes(tiny_teacher, tmp_path):
+    """A 2-process checkpoint loads into 1 process (and a 1-process one into 2) with the same whole tensors
+    (weights, EMA, AdamW moments), and a resumed run with a changed world size goes on to the end."""
+    _, at3, _ = _launch(tmp_path, 2, "two", "fresh", 3, teacher=tiny_teacher)
+    shutil.copytree(tmp_path / "two", tmp_path / "two-b")
+    _, loaded1, _ = _launch(tmp_path, 1, "two", "load", teacher=tiny_teacher)
+    _assert_equal(loaded1, at3)
+    reps, _, out = _launch(tmp_path, 1, "two-b", "resume", teacher=tiny_teacher)
+    assert reps[0]["step"] == 5 and "written by 2 process(es), this run has 1" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "two-b" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    _, one3, _ = _launch(tmp_path, 1, "one", "fresh", 3, teacher=tiny_teacher)
+    shutil.copytree(tmp_path / "one", tmp_path / "one-b")
+    _, loaded2, _ = _launch(tmp_path, 2, "one", "load", teacher=tiny_teacher)
+    _assert_equal(loaded2, one3)
+    reps, _, _ = _launch(tmp_path, 2, "one-b", "resume", teacher=tiny_teacher)
+    assert [r["step"] for r in reps] == [5, 5] and reps[0]["digest"] == reps[1]["digest"]
