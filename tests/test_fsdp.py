@@ -307,3 +307,45 @@ def test_dcp_checkpoint_reshards_across_world_sizes(tiny_teacher, tmp_path):
     _assert_equal(loaded2, one3)
     reps, _, _ = _launch(tmp_path, 2, "one-b", "resume", teacher=tiny_teacher)
     assert [r["step"] for r in reps] == [5, 5] and reps[0]["digest"] == reps[1]["digest"]
+
+
+def test_export_sees_whole_lora_tensors_and_the_shards_come_back(one_rank):
+    """The text-to-image export runs the family's own writer on whole tensors (peft's state dict of the gathered
+    adapter); afterwards the module holds its sharded DTensor parameters again."""
+    from peft import get_peft_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from dmdr.models.lora import add_lora, lora_state_dict
+    from dmdr.models.tiny import TinyDiT, TinyDiTConfig
+
+    ctx = fsdp.setup(None)
+    torch.manual_seed(0)
+    m = TinyDiT(TinyDiTConfig(dim=32, depth=2, heads=2))
+    add_lora(m, "generator", rank=2, alpha=2, target_modules=["qkv", "fc1"])
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    want = {k: v.clone() for k, v in get_peft_model_state_dict(m, adapter_name="generator").items()}
+    assert fsdp.shard_module(m, init_device_mesh("cpu", (ctx.world_size,))) == 3
+    gathered = fsdp.full_state(lora_state_dict(m, "generator"))
+    assert all(isinstance(v, DTensor) for v in lora_state_dict(m, "generator").values())
+    got = fsdp.with_whole_parameters(m, gathered, lambda: get_peft_model_state_dict(m, adapter_name="generator"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(isinstance(v, DTensor) for v in got.values())
+    assert all(isinstance(v, DTensor) for v in lora_state_dict(m, "generator").values())
+
+
+def test_other_tasks_refuse_fsdp2(tmp_path):
+    import yaml
+
+    from dmdr.recipes import validate_recipe
+    from dmdr.train.tasks import run_task
+
+    raw = yaml.safe_load((ROOT / "recipes" / "digits-grpo.yaml").read_text())
+    raw.setdefault("runtime", {})["distributed"] = "fsdp2"
+    with pytest.raises(DistributedError, match="fsdp2 is for task: dmdr, not task: grpo"):
+        run_task(validate_recipe(raw), tmp_path, torch.device("cpu"))
+    raw["runtime"] = {"fsdp": {"reshard_after_forward": False}}
+    with pytest.raises(DistributedError, match="runtime.fsdp.reshard_after_forward is set"):
+        run_task(validate_recipe(raw), tmp_path, torch.device("cpu"))

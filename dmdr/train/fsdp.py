@@ -142,6 +142,15 @@ def check_options(recipe, mode: str) -> None:
                                f"runtime.distributed: fsdp2 (under torchrun) or remove runtime.fsdp")
 
 
+def check_task(recipe) -> None:
+    """Tasks other than ``dmdr`` refuse ``runtime.distributed: fsdp2`` and ``runtime.fsdp`` options (one line)."""
+    if getattr(recipe, "task", "dmdr") == "dmdr":
+        return
+    if getattr(getattr(recipe, "runtime", None), "distributed", None) == "fsdp2":
+        raise DistributedError(f"runtime.distributed=fsdp2 is for task: dmdr, not task: {recipe.task}; remove it")
+    check_options(recipe, "none")
+
+
 # ---- sharding -----------------------------------------------------------------------------------------------------
 def block_modules(module: nn.Module) -> list[nn.Module]:
     """The FSDP units below the root: every element of the outermost ``nn.ModuleList``s named ``*blocks`` or
@@ -367,7 +376,15 @@ def save(tr) -> Path | None:
         raise ckpt.CheckpointError(f"cannot write checkpoint step {k} in {root}: "
                                    f"{os.strerror(err.errno) if err and err.errno else 'see rank 0'}")
     ctx.barrier()
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure (ENOSPC, EROFS...) into one exception
+        if ctx.is_main:
+            ckpt._remove(tmp)
+        prior = [d for d in ckpt.list_checkpoints(root) if not d.name.endswith(".prev")]
+        keep = f"the last complete checkpoint {prior[-1]} is intact" if prior else "no checkpoint was written yet"
+        raise ckpt.CheckpointError(f"cannot write checkpoint step {k} in {root}: {ckpt._short(e)}; {keep}; free "
+                                   f"space (or fix the file system) and continue with --resume") from None
     path = root / f"step-{k:07d}"
     if ctx.is_main:
         path = ckpt.write_checkpoint(root, k, tensors={}, state=state, recipe_yaml=recipe_to_yaml(tr.recipe),
@@ -502,35 +519,30 @@ def export_student(tr, path: Path) -> Path | None:
 
 
 def _export_t2i(tr, path: Path, gen: dict[str, torch.Tensor]) -> Path:
-    """Text-to-image families: the gathered generator LoRA in the diffusers format, through peft's own key
-    mapping (``get_peft_model_state_dict(state_dict=…)``) and the family pipeline's ``save_lora_weights``."""
-    from peft import get_peft_model_state_dict
-
+    """Text-to-image families (rank 0 only, no collective): the family's own LoRA export
+    (:func:`dmdr.models.t2i.export_generator`) with the gathered whole LoRA tensors put in place of the generator's
+    sharded parameters for the duration of the call (the sharded ones are put back afterwards)."""
     shared = tr.bundle.extra["shared"]
     if shared.full_generator:
         raise DistributedError("fsdp2: exporting a full-weights text-to-image generator is not supported yet; "
                                "the DCP checkpoint holds it")
-    net = shared.denoiser.net
-    prefix = next(n for n, m in tr.bundle.base.named_modules() if m is net)
-    sd = {k[len(prefix) + 1:] if prefix else k: v for k, v in gen.items()}
-    state = get_peft_model_state_dict(net, state_dict=sd, adapter_name="generator")
-    state = {k: v.contiguous() for k, v in state.items()}
-    from dmdr.models.t2i import _lora_metadata
+    from dmdr.models.t2i import export_generator
 
-    meta = _lora_metadata(net, "generator")
-    out = path.parent / "student_lora"
-    out.mkdir(parents=True, exist_ok=True)
-    if shared.family == "sd3":
-        from diffusers import StableDiffusion3Pipeline
+    return with_whole_parameters(tr.bundle.base, gen, lambda: export_generator(shared, path.parent))
 
-        StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=state,
-                                                   transformer_lora_adapter_metadata=meta)
-    elif shared.family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
 
-        StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=state, unet_lora_adapter_metadata=meta)
-    else:
-        raise DistributedError(f"fsdp2: no LoRA export for model.family={shared.family!r} yet; the DCP checkpoint "
-                               f"holds the generator")
-    return out
-
+def with_whole_parameters(module: nn.Module, whole: dict[str, torch.Tensor], fn):
+    """Call ``fn()`` while the parameters named in ``whole`` (names as in ``module.named_parameters()``) are
+    plain tensors holding ``whole``'s values; the original (sharded) parameters are restored afterwards."""
+    named = dict(module.named_modules())
+    swapped = []
+    try:
+        for k, v in whole.items():
+            mod_name, pname = k.rsplit(".", 1) if "." in k else ("", k)
+            mod = named[mod_name]
+            swapped.append((mod, pname, mod._parameters[pname]))
+            mod._parameters[pname] = nn.Parameter(v, requires_grad=False)
+        return fn()
+    finally:
+        for mod, pname, old in reversed(swapped):
+            mod._parameters[pname] = old
