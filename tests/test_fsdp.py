@@ -392,3 +392,23 @@ def test_torchrun_fsdp2_sd3_smoke_exports_the_trained_lora(tmp_path):
         key = "transformer." + k[len("generator.net."):].replace(".generator.weight", ".weight")
         assert torch.equal(lora[key].to(v.dtype), v), key
     assert any(v.abs().sum() > 0 for k, v in want.items() if ".lora_B." in k)  # the generator did train
+
+
+def test_fsdp2_lora_generator_and_monitor_rollbacks_match_the_plain_run(one_rank, tiny_teacher, tmp_path):
+    """A LoRA generator on the sharded base, with monitors that roll back every step (snapshots and restores of
+    sharded weights and AdamW states): bitwise the plain single-process run, and the same metrics."""
+    import torch.distributed as dist
+
+    rec = _recipe(tiny_teacher)
+    rec["generator"]["lora"] = {"rank": 4, "alpha": 4}
+    rec["stages"] = rec["stages"][:1]
+    rec["monitors"] = {"every": 1, "samples": 20, "rollback": {"max_rollbacks": 20, "lr_factor": 0.9},
+                       "checks": [{"kind": "x0_norm", "threshold": 1.0e-9, "action": "rollback"}]}
+    sharded = _train(rec, tmp_path / "fsdp")
+    assert sharded.bundle.generator_is_lora and sharded.monitor.bank.rollbacks >= 2
+    got = _full(sharded)
+    dist.destroy_process_group()
+    os.environ.pop("WORLD_SIZE")
+    plain = _train({**rec, "runtime": {"device": "cpu", "distributed": "none"}}, tmp_path / "plain")
+    _assert_equal(_full(plain), got)
+    assert _records(tmp_path / "plain") == _records(tmp_path / "fsdp")
