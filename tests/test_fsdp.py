@@ -412,3 +412,24 @@ def test_fsdp2_lora_generator_and_monitor_rollbacks_match_the_plain_run(one_rank
     plain = _train({**rec, "runtime": {"device": "cpu", "distributed": "none"}}, tmp_path / "plain")
     _assert_equal(_full(plain), got)
     assert _records(tmp_path / "plain") == _records(tmp_path / "fsdp")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_sdxl_smoke_exports_the_full_generator(tmp_path):
+    """SDXL's layout (critic LoRA on the sharded base + a second, full-weights sharded UNet generator) under fsdp2
+    with 2 processes: the exported diffusers UNet folder equals the generator of the last DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    res = _torchrun(2, "-m", "dmdr", "train", ROOT / "recipes" / "sdxl-1step.yaml", "--smoke", "--out", run,
+                    "--set", "logging.progress=false", "--set", "runtime.distributed=fsdp2", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    md = fsdp._safe_reader(last).read_metadata().state_dict_metadata
+    want = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items() if k.startswith("generator.")}
+    dcp.load(want, storage_reader=fsdp._safe_reader(last))
+    unet = load_file(str(run / "student_unet" / "diffusion_pytorch_model.safetensors"))
+    assert len(unet) == len(want) > 0
+    for k, v in want.items():
+        assert torch.equal(unet[k[len("generator."):]].to(v.dtype), v), k

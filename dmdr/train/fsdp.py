@@ -491,26 +491,35 @@ def _load_rest(tr, state: dict) -> None:
 
 
 def export_student(tr, path: Path) -> Path | None:
-    """:meth:`DMDRTrainer.export_student` under FSDP2: every rank gathers the whole generator (and EMA) on CPU,
-    rank 0 writes it in the single-process format (digits: a standalone tiny-DiT file)."""
-    from dmdr.train.dmdr import TrainingStopped, non_finite
+    """:meth:`DMDRTrainer.export_student` under FSDP2: the generator (its EMA if enabled) is all-gathered one tensor
+    at a time and only rank 0 keeps the whole tensors and writes them, in the single-process formats: digits, a
+    standalone tiny-DiT file; text-to-image, the family's own export (LoRA folder or full network folder)."""
+    from dmdr.train.dmdr import TrainingStopped
 
-    gen = full_state(tr.bundle.generator_state())
-    ema = full_state(tr.ema) if tr.ema is not None else None
-    bad = non_finite({"generator": gen, **({"ema": ema} if ema is not None else {})})
-    if bad:
-        raise TrainingStopped(f"the student has non-finite weights ({', '.join(bad)}); nothing exported; lower the "
-                              f"learning rates or use fp32")
-    if not tr.dist.is_main:
+    live = dict(tr.bundle.generator_state())
+    bad = local_non_finite({"generator": live, **({"ema": tr.ema} if tr.ema is not None else {})})
+    if tr.dist.any(bool(bad)):
+        raise TrainingStopped(f"the student has non-finite weights ({', '.join(bad) or 'on another rank'}); nothing "
+                              f"exported; lower the learning rates or use fp32")
+    src, main, whole = (tr.ema if tr.ema is not None else live), tr.dist.is_main, {}
+    for k in sorted(src):
+        v = full(src[k])          # collective; the other ranks drop it at once
+        if main:
+            whole[k] = v
+    if not main:
         return None
     if "shared" in tr.bundle.extra:
-        return _export_t2i(tr, path, ema if ema is not None else gen)
+        from dmdr.models.t2i import export_generator
+
+        shared = tr.bundle.extra["shared"]
+        owner = tr.bundle.base if tr.bundle.generator_is_lora else tr.bundle.generator_module
+        return with_whole_parameters(owner, whole, lambda: export_generator(shared, path.parent))
     if tr.recipe.model.family != "tiny" or tr.bundle.generator_is_lora:
         return None
     from dmdr.models.tiny import load_tiny, save_tiny
 
     m = load_tiny(tr.recipe.model.teacher)
-    m.load_state_dict({k: v.to(next(m.parameters()).dtype) for k, v in (ema if ema is not None else gen).items()})
+    m.load_state_dict({k: v.to(next(m.parameters()).dtype) for k, v in whole.items()})
     g = tr.recipe.generator
     save_tiny(m, str(path), extra={"student": {"steps": g.steps, "shift": g.shift, "t_min": tr.recipe.model.t_min,
                                                "mode": g.backward_sim},
@@ -518,30 +527,21 @@ def export_student(tr, path: Path) -> Path | None:
     return path
 
 
-def _export_t2i(tr, path: Path, gen: dict[str, torch.Tensor]) -> Path:
-    """Text-to-image families (rank 0 only, no collective): the family's own LoRA export
-    (:func:`dmdr.models.t2i.export_generator`) with the gathered whole LoRA tensors put in place of the generator's
-    sharded parameters for the duration of the call (the sharded ones are put back afterwards)."""
-    shared = tr.bundle.extra["shared"]
-    if shared.full_generator:
-        raise DistributedError("fsdp2: exporting a full-weights text-to-image generator is not supported yet; "
-                               "the DCP checkpoint holds it")
-    from dmdr.models.t2i import export_generator
-
-    return with_whole_parameters(tr.bundle.base, gen, lambda: export_generator(shared, path.parent))
-
-
 def with_whole_parameters(module: nn.Module, whole: dict[str, torch.Tensor], fn):
-    """Call ``fn()`` while the parameters named in ``whole`` (names as in ``module.named_parameters()``) are
-    plain tensors holding ``whole``'s values; the original (sharded) parameters are restored afterwards."""
-    named = dict(module.named_modules())
+    """Call ``fn()`` while the parameters named in ``whole`` (names as in ``module.named_parameters()``; other keys,
+    e.g. buffers, are left alone) are plain tensors holding ``whole``'s values in the parameter's dtype; the original
+    (sharded) parameters are restored afterwards. No collective: rank 0 alone may call it."""
+    named, params = dict(module.named_modules()), dict(module.named_parameters())
     swapped = []
     try:
         for k, v in whole.items():
+            if k not in params:
+                continue
             mod_name, pname = k.rsplit(".", 1) if "." in k else ("", k)
             mod = named[mod_name]
-            swapped.append((mod, pname, mod._parameters[pname]))
-            mod._parameters[pname] = nn.Parameter(v, requires_grad=False)
+            old = mod._parameters[pname]
+            swapped.append((mod, pname, old))
+            mod._parameters[pname] = nn.Parameter(v.to(old.dtype), requires_grad=False)
         return fn()
     finally:
         for mod, pname, old in reversed(swapped):
