@@ -382,6 +382,8 @@ def test_torchrun_fsdp2_sd3_smoke_exports_the_trained_lora(tmp_path):
     last = ckpt.list_checkpoints(run / "checkpoints")[-1]
     assert json.loads((last / "COMPLETE").read_text())["world_size"] == 2
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {f.name for f in last.iterdir()}
+    data = torch.load(last / "state.pt", weights_only=True)["data_ranks"]  # each rank's own prompt order
+    assert len(data) == 2 and int(data[0]["seed"]) != int(data[1]["seed"])
     md = fsdp._safe_reader(last).read_metadata().state_dict_metadata
     want = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in md.items() if k.startswith("generator.")}
     dcp.load(want, storage_reader=fsdp._safe_reader(last))
@@ -433,3 +435,22 @@ def test_torchrun_fsdp2_sdxl_smoke_exports_the_full_generator(tmp_path):
     assert len(unet) == len(want) > 0
     for k, v in want.items():
         assert torch.equal(unet[k[len("generator."):]].to(v.dtype), v), k
+
+
+def test_each_rank_resumes_its_own_prompt_order():
+    from dmdr.data.prompts import PromptSampler
+
+    samplers = [PromptSampler([f"p{i}" for i in range(7)], batch_size=1, seed=s) for s in (0, 1_000_003)]
+    for n, s in zip((3, 9), samplers):  # rank 1 went into its second epoch
+        for _ in range(n):
+            s.next_batch()
+    ranks = [fsdp.data_tensors(s.state_dict()) for s in samplers]
+    state = {"data": samplers[0].state_dict(), "data_ranks": ranks}
+    for r, s in enumerate(samplers):
+        back = fsdp.data_state_for(state, r)
+        fresh = PromptSampler([f"p{i}" for i in range(7)], batch_size=1, seed=123)
+        fresh.load_state_dict(back)
+        assert fresh.seed == s.seed and fresh._order == s._order and fresh.cursor == s.cursor
+    assert fsdp.data_state_for(state, 2) is None                  # a new rank keeps its own fresh order
+    plain = {"data": samplers[0].state_dict()}
+    assert fsdp.data_state_for(plain, 1) is plain["data"]          # an older checkpoint: rank 0's state, as DDP

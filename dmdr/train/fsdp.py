@@ -361,6 +361,9 @@ def save(tr) -> Path | None:
     state.update(extras)
     state["format"] = torch.tensor(1)
     state["rng_ranks"] = ctx.gather_tensor_dicts(state["rng"])
+    sampler = tr.bundle.extra.get("prompt_sampler")
+    if sampler is not None:  # every rank draws its own prompt order: keep each one (state["data"] is rank 0's)
+        state["data_ranks"] = ctx.gather_tensor_dicts(data_tensors(sampler.state_dict()))
     root = tr.out / "checkpoints"
     tmp = root / f"step-{k:07d}.tmp"
     err = None
@@ -467,14 +470,35 @@ def _load_plain_optimizer(opt: torch.optim.Optimizer, sd: dict) -> None:
     opt.load_state_dict({"state": st, "param_groups": sd["param_groups"]})
 
 
+def data_tensors(d: dict) -> dict[str, torch.Tensor]:
+    """A prompt sampler's state as tensors of fixed shapes (ints and bools as int64), for an all-gather."""
+    return {k: (v.clone() if torch.is_tensor(v) else torch.tensor(int(v), dtype=torch.int64)) for k, v in d.items()}
+
+
+def data_from_tensors(d: dict[str, torch.Tensor]) -> dict:
+    return {k: (v if v.ndim else (bool(v) if k == "shuffle" else int(v))) for k, v in d.items()}
+
+
+def data_state_for(state: dict, rank: int) -> dict | None:
+    """The prompt-order state rank ``rank`` resumes from: its own when the checkpoint has one for it (any world
+    size: rank r continues rank r's order), else None for a rank the checkpoint did not have (it keeps its fresh,
+    rank-seeded order), else (a checkpoint without per-rank states) rank 0's ``state["data"]``."""
+    ranks = state.get("data_ranks")
+    if ranks is not None:
+        return data_from_tensors(ranks[rank]) if rank < len(ranks) else None
+    return state.get("data")
+
+
 def _load_rest(tr, state: dict) -> None:
     """Data order, monitors, metric accumulator and RNG streams (as :meth:`DMDRTrainer.load`)."""
     from collections import defaultdict
 
     from dmdr.train.runtime import seed_everything, set_rng_state
 
-    if "data" in state and "prompt_sampler" in tr.bundle.extra:
-        tr.bundle.extra["prompt_sampler"].load_state_dict(state["data"])
+    sampler = tr.bundle.extra.get("prompt_sampler")
+    data = data_state_for(state, tr.dist.rank)
+    if sampler is not None and data is not None:
+        sampler.load_state_dict(data)
     if tr.monitor is not None and "monitors" in state:
         tr.monitor.bank.load_state_dict(state["monitors"])
     tr._acc = defaultdict(list, {k: [float(x) for x in v.tolist()] for k, v in state.get("metrics_acc", {}).items()})
