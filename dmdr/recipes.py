@@ -56,7 +56,6 @@ class FSDPOptions(Strict):
 
     param_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the all-gathered weights in compute")
     reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the gradient reduce-scatter")
-    reshard_after_forward: bool = Field(True, description="free each gathered block after its forward (ZeRO-3)")
 
 
 class Runtime(Strict):

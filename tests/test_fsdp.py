@@ -177,13 +177,16 @@ def test_fsdp2_one_rank_equals_plain_run_and_resumes_exactly(one_rank, tiny_teac
     _assert_equal(_full(from_dcp), got)  # the plain trainer reads DCP shards into whole tensors
 
 
-def test_fsdp2_bf16_policy_keeps_fp32_master_weights(one_rank, tiny_teacher, tmp_path):
+def test_fsdp2_options_reach_fully_shard_and_bf16_keeps_fp32_master_weights(one_rank, tiny_teacher, tmp_path):
     rec = _recipe(tiny_teacher, fsdp={"param_dtype": "bf16", "reduce_dtype": "fp32"})
     rec["stages"] = rec["stages"][:1]
     tr = _train(rec, tmp_path / "bf16")
     p = tr.bundle.critic_params[0]
     assert p.dtype == torch.float32 and tr.state.global_step == 3
     assert tr.bundle.base.blocks[0]._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
+    assert tr.bundle.base._get_fsdp_state()._mp_policy.reduce_dtype == torch.float32
+    for unit in [tr.bundle.base, *tr.bundle.base.blocks]:   # every unit, root included, reshards after forward
+        assert unit._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
     plain = {n: fsdp.full_state(sd) for n, sd in tr.tensors().items()}
     assert all(bool(torch.isfinite(v).all()) for sd in plain.values() for v in sd.values())
 
@@ -346,8 +349,8 @@ def test_other_tasks_refuse_fsdp2(tmp_path):
     raw.setdefault("runtime", {})["distributed"] = "fsdp2"
     with pytest.raises(DistributedError, match="fsdp2 is for task: dmdr, not task: grpo"):
         run_task(validate_recipe(raw), tmp_path, torch.device("cpu"))
-    raw["runtime"] = {"fsdp": {"reshard_after_forward": False}}
-    with pytest.raises(DistributedError, match="runtime.fsdp.reshard_after_forward is set"):
+    raw["runtime"] = {"fsdp": {"reduce_dtype": "bf16"}}
+    with pytest.raises(DistributedError, match="runtime.fsdp.reduce_dtype is set"):
         run_task(validate_recipe(raw), tmp_path, torch.device("cpu"))
 
 

@@ -9,7 +9,7 @@ shards every network that holds trainable weights with :func:`torch.distributed.
   ``nn.ModuleList`` named ``*blocks`` or ``layers``: TinyDiT ``blocks``, SD3/FLUX ``transformer_blocks`` /
   ``single_transformer_blocks``, UNet ``down_blocks``/``up_blocks``, Wan ``blocks``) is one FSDP unit; the rest of
   the network is the root unit. Parameters become ``DTensor`` shards (dim 0 split over the N ranks); each block is
-  all-gathered for its forward/backward and freed after it (``reshard_after_forward``). Text encoders, VAEs and
+  all-gathered for its forward/backward and freed after it (always: see :func:`shard_module`). Text encoders, VAEs and
   rewards stay replicated (frozen, and called a different number of times per rank: prompt caching).
 * **optimiser states** are created from the sharded parameters, so AdamW's moments are sharded too.
 * **gradients**: FSDP2 reduce-scatters (averages) them during ``backward``; :class:`FSDPContext` therefore skips
@@ -177,15 +177,20 @@ def mp_policy(recipe):
     return MixedPrecisionPolicy(param_dtype=_DTYPES[o.param_dtype], reduce_dtype=_DTYPES[o.reduce_dtype])
 
 
-def shard_module(module: nn.Module, mesh, *, mp=None, reshard_after_forward: bool = True) -> int:
-    """``fully_shard`` every block of ``module`` and then ``module`` itself (the root). Returns the unit count."""
+def shard_module(module: nn.Module, mesh, *, mp=None) -> int:
+    """``fully_shard`` every block of ``module`` and then ``module`` itself (the root). Returns the unit count.
+
+    Every unit, the root included, reshards after its forward (ZeRO-3). Not an option on purpose: the trainer runs
+    ``no_grad`` forwards (backward simulation, the real/fake scores, sampling), after which a unit that does not
+    reshard keeps its gathered copy until the next ``backward``, so the forward after an optimiser step would
+    read stale weights and the optimiser's parameters would not be the module's."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = mp or MixedPrecisionPolicy()
     blocks = block_modules(module)
     for blk in blocks:
-        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     return len(blocks) + 1
 
 
@@ -212,11 +217,11 @@ def shard_bundle(bundle, recipe, ctx: FSDPContext, device: torch.device) -> None
             for p in bundle.generator_params + bundle.critic_params:
                 dist.broadcast(p.data, 0)
     ctx.mesh = init_device_mesh(device.type, (ctx.world_size,))
-    o, mp = recipe.runtime.fsdp, mp_policy(recipe)
+    mp = mp_policy(recipe)
     mods = [bundle.base] + ([] if bundle.generator_is_lora or bundle.generator_module is bundle.base
                             else [bundle.generator_module])
     for m in mods:
-        shard_module(m, ctx.mesh, mp=mp, reshard_after_forward=o.reshard_after_forward)
+        shard_module(m, ctx.mesh, mp=mp)
     named_gen, named_base = dict(gen_owner.named_parameters()), dict(bundle.base.named_parameters())
     bundle.generator_params = [named_gen[n] for n in gen_names]
     bundle.critic_params = [named_base[n] for n in critic_names]
