@@ -285,6 +285,11 @@ def test_fsdp2_two_ranks_match_ddp_and_resume_is_exact(tiny_teacher, tmp_path):
     for n in ("generator", "critic", "ema"):
         for k in w[n]:
             torch.testing.assert_close(w[n][k], w_ddp[n][k], rtol=1e-5, atol=1e-6)
+    losses = [{k: v for k, v in r.items() if k.startswith("loss_")} for r in _records(tmp_path / "full")]
+    losses_ddp = [{k: v for k, v in r.items() if k.startswith("loss_")} for r in _records(tmp_path / "ddp")]
+    assert len(losses) == 5 and [l.keys() for l in losses] == [l.keys() for l in losses_ddp]
+    for a, b in zip(losses, losses_ddp):  # the logged (rank-averaged) losses too
+        assert all(b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7) for k in a)
     cut, _, _ = _launch(tmp_path, 2, "cut", "fresh", 3, teacher=tiny_teacher)
     assert cut[0]["step"] == 3
     resumed, _, _ = _launch(tmp_path, 2, "cut", "resume", teacher=tiny_teacher)
