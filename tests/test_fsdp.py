@@ -462,3 +462,32 @@ def test_each_rank_resumes_its_own_prompt_order():
     assert fsdp.data_state_for(state, 2) is None                  # a new rank keeps its own fresh order
     plain = {"data": samplers[0].state_dict()}
     assert fsdp.data_state_for(plain, 1) is plain["data"]          # an older checkpoint: rank 0's state, as DDP
+
+
+def test_fsdp2_failed_checkpoint_write_is_one_line_and_keeps_the_last_one(one_rank, tiny_teacher, tmp_path,
+                                                                          monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    rec = _recipe(tiny_teacher)
+    rec["stages"] = rec["stages"][:1]
+    tr = _train(rec, tmp_path / "run")
+    before = [d.name for d in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    tr.state.global_step += 1
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_save = dcp.save
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write checkpoint step 4 .*No space left on device.*"
+                                                   r"the last complete checkpoint .*step-0000003 is intact"):
+        tr.save()
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == before
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(dcp, "save", real_save)
+    monkeypatch.setattr(ckpt, "_sha256", full_disk)   # rank 0's manifest step fails: every rank raises
+    with pytest.raises(ckpt.CheckpointError, match="cannot write checkpoint step 4"):
+        tr.save()
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == before

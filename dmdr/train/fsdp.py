@@ -393,11 +393,16 @@ def save(tr) -> Path | None:
         keep = f"the last complete checkpoint {prior[-1]} is intact" if prior else "no checkpoint was written yet"
         raise ckpt.CheckpointError(f"cannot write checkpoint step {k} in {root}: {ckpt._short(e)}; {keep}; free "
                                    f"space (or fix the file system) and continue with --resume") from None
-    path = root / f"step-{k:07d}"
+    path, err = root / f"step-{k:07d}", None
     if ctx.is_main:
-        path = ckpt.write_checkpoint(root, k, tensors={}, state=state, recipe_yaml=recipe_to_yaml(tr.recipe),
-                                     keep_last=tr.recipe.logging.keep_last, tmp_ready=True,
-                                     manifest_extra={"format": FORMAT, "world_size": ctx.world_size})
+        try:
+            path = ckpt.write_checkpoint(root, k, tensors={}, state=state, recipe_yaml=recipe_to_yaml(tr.recipe),
+                                         keep_last=tr.recipe.logging.keep_last, tmp_ready=True,
+                                         manifest_extra={"format": FORMAT, "world_size": ctx.world_size})
+        except ckpt.CheckpointError as e:  # every rank raises (the others would wait for rank 0 forever)
+            err = e
+    if ctx.any(err is not None):
+        raise err or ckpt.CheckpointError(f"cannot write checkpoint step {k} in {root}; see rank 0's error")
     ctx.barrier()
     tr._saved_step, tr._saved_inner = k, tr.state.inner_step
     return path
