@@ -54,8 +54,10 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run name becomes a dire
 class FSDPOptions(Strict):
     """FSDP2 options (``runtime.distributed: fsdp2``; docs/distributed.md)."""
 
-    param_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the all-gathered weights in compute")
-    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of the gradient reduce-scatter")
+    param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the all-gathered weights in compute; auto = each weight's own dtype")
+    reduce_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the gradient reduce-scatter; auto = the gathered weight's dtype")
 
 
 class Runtime(Strict):

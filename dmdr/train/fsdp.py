@@ -15,9 +15,10 @@ shards every network that holds trainable weights with :func:`torch.distributed.
 * **gradients**: FSDP2 reduce-scatters (averages) them during ``backward``; :class:`FSDPContext` therefore skips
   the data-parallel all-reduce. Because ``backward`` is itself collective, the ranks first agree on whether the
   loss is finite (one all-reduce) and skip the update together (the NaN-streak logic stays in lockstep).
-* **mixed precision** (``runtime.fsdp.param_dtype`` / ``reduce_dtype``): a ``MixedPrecisionPolicy`` — the
-  all-gathered parameters are cast to ``param_dtype`` for compute and gradients are reduced in ``reduce_dtype``;
-  the sharded master weights and optimiser states stay float32.
+* **mixed precision** (``runtime.fsdp.param_dtype`` / ``reduce_dtype``, default ``auto``: no cast, each weight
+  in its own dtype as in one process): a ``MixedPrecisionPolicy`` — the all-gathered parameters are cast to
+  ``param_dtype`` for compute and gradients are reduced in ``reduce_dtype``; the sharded master weights and
+  optimiser states keep their dtype.
 * **checkpoints** go through :mod:`torch.distributed.checkpoint` (DCP): every rank writes its shards of the
   generator, critic, EMA and both AdamW states into ``step-…tmp/`` (``.metadata`` + ``__<rank>_0.distcp``);
   rank 0 then adds ``state.pt`` (counters, every rank's RNG states, optimiser hyper-parameters, world size,
@@ -54,7 +55,7 @@ from dmdr.train.distributed import DistContext, DistributedError
 
 FORMAT = "dcp"
 BLOCK_LIST_NAMES = ("layers",)   # besides any ModuleList whose name ends with "blocks"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ---- launch / context ---------------------------------------------------------------------------------------------
@@ -170,7 +171,10 @@ def block_modules(module: nn.Module) -> list[nn.Module]:
 
 
 def mp_policy(recipe):
-    """The ``MixedPrecisionPolicy`` of ``runtime.fsdp`` (fp32/fp32 unless asked)."""
+    """The ``MixedPrecisionPolicy`` of ``runtime.fsdp``: ``auto`` casts nothing (every weight computes in its own
+    dtype and its gradient is reduced in it, as in one process: a bf16 frozen base stays bf16, LoRA/full trainable
+    weights float32); ``fp32`` / ``bf16`` cast every gathered weight (``param_dtype``) or every reduced gradient
+    (``reduce_dtype``) to that dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     o = recipe.runtime.fsdp
