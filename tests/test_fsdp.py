@@ -491,3 +491,31 @@ def test_fsdp2_failed_checkpoint_write_is_one_line_and_keeps_the_last_one(one_ra
     with pytest.raises(ckpt.CheckpointError, match="cannot write checkpoint step 4"):
         tr.save()
     assert [d.name for d in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == before
+
+
+def test_dry_run_of_an_fsdp2_recipe_without_torchrun_prints_per_gpu_memory(monkeypatch):
+    """`dmdr train RECIPE --dry-run` of an fsdp2 recipe needs no torchrun: it builds unsharded and adds the per-GPU
+    estimate; its parts add up with the one-GPU estimate (the sharded part divided by N)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from dmdr.recipes import load_recipe
+    from dmdr.train.memory_estimate import GIB, estimate_t2i_memory
+    from dmdr_cli.app import app
+
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DMDR_DISTRIBUTED"):
+        monkeypatch.delenv(k, raising=False)
+    recipe = ROOT / "recipes" / "sd3-medium-4step.yaml"
+    res = CliRunner().invoke(app, ["train", str(recipe), "--dry-run", "--smoke", "--set", "runtime.distributed=fsdp2"])
+    assert res.exit_code == 0, res.output
+    head = re.search(r"fsdp2 per GPU \(estimate\): replicated ([\d.]+) GiB \+ gathered ([\d.]+) \+ activations "
+                     r"([\d.]+) \+ sharded \(([\d.]+)\) / N", res.output)
+    per_n = {int(n): float(v) for n, v in re.findall(r"N=(\d+): ([\d.]+) GiB", res.output)}
+    assert head and sorted(per_n) == [2, 4, 8] and per_n[2] > per_n[4] > per_n[8]
+    rep, gat, act, sh = map(float, head.groups())
+    for n, v in per_n.items():
+        assert v == pytest.approx(rep + gat + act + sh / n, abs=0.11)
+    est = estimate_t2i_memory(load_recipe(recipe, []))
+    assert rep + sh == pytest.approx((est.weights + est.optimiser) / GIB, abs=0.11)  # nothing lost or counted twice
+    assert 0 < gat < sh

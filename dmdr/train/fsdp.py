@@ -152,6 +152,52 @@ def check_task(recipe) -> None:
     check_options(recipe, "none")
 
 
+def dry_run_recipe(recipe):
+    """``dmdr train --dry-run`` of an fsdp2 recipe without torchrun builds everything in one process, unsharded
+    (the launch check is for the real run); under torchrun, or for other modes, the recipe as it is."""
+    from dmdr.train.distributed import mode_for
+
+    if getattr(recipe, "task", None) != "dmdr" or torchrun_env() or mode_for(recipe) != "fsdp2":
+        return recipe
+    rt = recipe.runtime.model_copy(update={"distributed": "none", "fsdp": type(recipe.runtime.fsdp)()})
+    return recipe.model_copy(update={"runtime": rt})
+
+
+def memory_lines(recipe, est, worlds=(2, 4, 8)) -> list[str]:
+    """Per-GPU peak memory under fsdp2 for N processes, from the one-GPU estimate ``est``
+    (:func:`dmdr.train.memory_estimate.estimate_t2i_memory`, same parts and the same lower-bound caveats):
+
+    * sharded, divided by N: the base network's weights, the trainable float32 weights (LoRAs, a full generator)
+      and the optimiser (gradients + AdamW moments);
+    * replicated: text encoders, VAE(s), reward models (``est.weights`` minus the sharded part);
+    * gathered during a forward/backward: the root unit (the weights outside the block lists, held for the whole
+      forward) plus two blocks (the current one and the prefetched next), in the base weights' dtype
+      (``param_dtype`` when set);
+    * activations: unchanged (``stages[*].batch_size`` is per process)."""
+    from dmdr.models.standins import real_network
+    from dmdr.train.memory_estimate import DTYPE_BYTES, GIB
+    from dmdr.train.t2i_bundle import model_config_name
+
+    d = est.detail
+    wbytes = DTYPE_BYTES[recipe.model.dtype]
+    pd = recipe.runtime.fsdp.param_dtype
+    gbytes = wbytes if pd == "auto" else DTYPE_BYTES[pd]
+    sharded = d["network_params"] * wbytes + 4 * (d["lora_params"] + d["full_generator_params"])
+    replicated = est.weights - sharded
+    net = real_network(model_config_name(recipe))
+    blocks = block_modules(net)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
+    biggest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+    gathered = (root + 2 * biggest) * gbytes
+    out = [f"fsdp2 per GPU (estimate): replicated {replicated / GIB:.1f} GiB + gathered {gathered / GIB:.1f} + "
+           f"activations {est.activations / GIB:.1f} + sharded ({(sharded + est.optimiser) / GIB:.1f}) / N"]
+    for n in worlds:
+        total = replicated + gathered + est.activations + (sharded + est.optimiser) / n
+        out.append(f"  N={n}: {total / GIB:.1f} GiB")
+    return out
+
+
 # ---- sharding -----------------------------------------------------------------------------------------------------
 def block_modules(module: nn.Module) -> list[nn.Module]:
     """The FSDP units below the root: every element of the outermost ``nn.ModuleList``s named ``*blocks`` or
