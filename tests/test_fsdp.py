@@ -519,3 +519,25 @@ def test_dry_run_of_an_fsdp2_recipe_without_torchrun_prints_per_gpu_memory(monke
     est = estimate_t2i_memory(load_recipe(recipe, []))
     assert rep + sh == pytest.approx((est.weights + est.optimiser) / GIB, abs=0.11)  # nothing lost or counted twice
     assert 0 < gat < sh
+
+
+def test_an_fsdp2_checkpoint_reads_like_any_other(one_rank, tiny_teacher, tmp_path):
+    """``read_checkpoint`` of a DCP checkpoint gives the whole generator/critic/EMA tensors (read on demand), so
+    ``dmdr sample`` of an interrupted FSDP2 run (no student.safetensors yet) samples its latest generator."""
+    import torch.distributed as dist
+
+    from dmdr.sampling import load_student
+
+    tr = _train(_recipe(tiny_teacher), tmp_path / "run", stop_at=3)
+    want = _full(tr)
+    dist.destroy_process_group()
+    last = ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    tensors, state, _ = ckpt.read_checkpoint(last)
+    assert sorted(tensors) == ["critic", "ema", "generator"] and "opt_gen_groups" in state
+    for name in ("generator", "critic", "ema"):
+        assert tensors[name].keys() == want[name].keys()
+        assert all(torch.equal(tensors[name][k], want[name][k]) for k in want[name])
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+    model, info = load_student(tmp_path / "run")
+    assert all(torch.equal(model.state_dict()[k], want["generator"][k]) for k in want["generator"])
+    assert info.steps == 2

@@ -195,6 +195,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     path = Path(path)
     verify_checkpoint(path)
     tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    if not tensors and (path / ".metadata").is_file():  # FSDP2 (DCP) shards, read into whole tensors on demand
+        from dmdr.train.fsdp import DCPTensors
+
+        tensors = DCPTensors(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}/state.pt holds a {type(state).__name__}, not a state dict")

@@ -43,6 +43,7 @@ import io
 import math
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,44 @@ def _safe_reader(path):
 
 def is_dcp_checkpoint(path: Path) -> bool:
     return (Path(path) / ".metadata").is_file()
+
+
+class DCPTensors(Mapping):
+    """The whole tensors of a DCP checkpoint's ``generator`` / ``critic`` / ``ema`` as the ``{name: {key: tensor}}``
+    mapping :func:`dmdr.train.checkpoint.read_checkpoint` returns for the single-process format; each group is
+    read (in this process alone, no collective) the first time it is asked for, so a resume that reads the shards
+    itself (:func:`load`) never pays for it, while ``dmdr sample`` or ``rl.init`` can use an FSDP2 run's
+    checkpoint like any other."""
+
+    GROUPS = ("generator", "critic", "ema")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._meta = _safe_reader(self.path).read_metadata().state_dict_metadata
+        self._names = [g for g in self.GROUPS if any(k.startswith(g + ".") for k in self._meta)]
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._cache:
+            import warnings
+
+            import torch.distributed.checkpoint as dcp
+
+            want = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in self._meta.items()
+                    if k.startswith(name + ".")}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(want, storage_reader=_safe_reader(self.path), no_dist=True)
+            self._cache[name] = {k[len(name) + 1:]: v for k, v in want.items()}
+        return self._cache[name]
 
 
 def _opt_owner(tr, which: str) -> nn.Module:
