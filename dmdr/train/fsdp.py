@@ -22,25 +22,29 @@ shards every network that holds trainable weights with :func:`torch.distributed.
 * **checkpoints** go through :mod:`torch.distributed.checkpoint` (DCP): every rank writes its shards of the
   generator, critic, EMA and both AdamW states into ``step-…tmp/`` (``.metadata`` + ``__<rank>_0.distcp``);
   rank 0 then adds ``state.pt`` (counters, every rank's RNG states, optimiser hyper-parameters, world size,
-  metric scalars, monitor/data state), ``recipe.yaml`` and the ``COMPLETE`` manifest (SHA-256 of every file,
+  metric scalars, monitor state, every rank's prompt order), ``recipe.yaml`` and the ``COMPLETE`` manifest (SHA-256 of every file,
   ``"format": "dcp"``) and renames it into place (:func:`dmdr.train.checkpoint.write_checkpoint`). Loading goes
   into the *current* sharding, so a run resumed with another world size reads the same files (DCP reshards).
   A resume at the same world size is bitwise exact (weights, optimiser states and per-rank RNG states restored);
   at another world size the run goes on with fresh derived per-rank streams (as DDP). A single-process run
   (no torchrun) can resume a DCP checkpoint (the shards are read into whole tensors), and an FSDP2 run can
-  resume a single-process (safetensors) checkpoint.
+  resume a single-process (safetensors) checkpoint. Other readers (``dmdr sample``, ``rl.init``) get whole tensors
+  through :class:`DCPTensors`.
+* **export**: the generator (EMA) is all-gathered one tensor at a time to rank 0, which writes the usual formats.
+* ``dmdr train --dry-run`` of an fsdp2 recipe runs unsharded without torchrun (:func:`dry_run_recipe`) and adds
+  the per-GPU memory estimate (:func:`memory_lines`).
 * **no code is unpickled**: DCP tensors are read with ``weights_only=True``; DCP's ``.metadata`` (a pickle) is
-  read by :class:`SafeReader` whose unpickler admits only DCP's own metadata classes, ``torch.Size``, dtypes and
+  read by :func:`_safe_reader`, whose unpickler (:class:`_MetadataUnpickler`) admits only DCP's own metadata classes, ``torch.Size``, dtypes and
   paths.
 
 Refused with one line (:class:`~dmdr.train.distributed.DistributedError`): no torchrun launch, ``critic.lora:
 null`` (a full critic copy is evaluated at weight-space interpolations through ``functional_call``, which needs
-whole tensors), ``runtime.fsdp`` options without fsdp2, and a torch without ``fully_shard``.
+whole tensors), tasks other than ``dmdr``, ``runtime.fsdp`` options without fsdp2, and a torch without
+``fully_shard``.
 """
 from __future__ import annotations
 
 import io
-import math
 import os
 import pickle
 from collections.abc import Mapping
