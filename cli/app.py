@@ -233,10 +233,16 @@ def _dry_run(r, dev, con) -> None:
         est = get_family(r).memory(r)
         if est is not None:
             con.print(est.line(), soft_wrap=True)
+            if r.runtime.distributed == "fsdp2":  # per-GPU memory when sharded over N processes (docs/distributed.md)
+                from dmdr.train.fsdp import memory_lines
+
+                for line in memory_lines(r, est):
+                    con.print(line, soft_wrap=True)
     if r.task == "dmdr":
         from dmdr.train.dmdr import DMDRTrainer
+        from dmdr.train.fsdp import dry_run_recipe
 
-        tr = DMDRTrainer(r, None, dev, console=con.print)
+        tr = DMDRTrainer(dry_run_recipe(r), None, dev, console=con.print)  # fsdp2 without torchrun: unsharded
         for st in r.stages:
             for term in st.rewards:
                 tr.reward(term.name, term.kwargs)

@@ -51,6 +51,15 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run name becomes a dire
 
 
 # ---- shared sections -----------------------------------------------------------------------------------------------
+class FSDPOptions(Strict):
+    """FSDP2 options (``runtime.distributed: fsdp2``; docs/distributed.md)."""
+
+    param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the all-gathered weights in compute; auto = each weight's own dtype")
+    reduce_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the gradient reduce-scatter; auto = the gathered weight's dtype")
+
+
 class Runtime(Strict):
     """Where and how a run executes: device, autocast precision, CPU threads, data parallelism."""
 
@@ -59,6 +68,7 @@ class Runtime(Strict):
     threads: int = Field(0, ge=0, le=MAX_THREADS, description="torch CPU threads; 0 = leave torch's default")
     distributed: Literal["auto", "none", "ddp", "fsdp2"] = Field(
         "auto", description="data parallelism under torchrun; auto = DMDR_DISTRIBUTED env, else ddp (docs/reliability.md)")
+    fsdp: FSDPOptions = Field(default_factory=FSDPOptions, description="runtime.distributed: fsdp2 only")
 
 
 class Logging(Strict):

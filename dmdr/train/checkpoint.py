@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_RE = re.compile(r"^step-(\d+)(\.prev)?$")
-SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")   # a file in the checkpoint directory, no path
+SAFE_NAME_RE = re.compile(r"^(\.metadata|[A-Za-z0-9_][A-Za-z0-9_.-]*)$")  # a file in the checkpoint dir (.metadata: DCP)
 REQUIRED_FILES = ("state.pt", "recipe.yaml")                  # every writer writes these
 
 
@@ -82,25 +82,30 @@ def _sha256(path: Path) -> str:
 
 
 def write_checkpoint(root: str | os.PathLike, step: int, *, tensors: dict[str, dict[str, torch.Tensor]],
-                     state: dict[str, Any], recipe_yaml: str, keep_last: int = 3) -> Path:
+                     state: dict[str, Any], recipe_yaml: str, keep_last: int = 3, tmp_ready: bool = False,
+                     manifest_extra: dict[str, Any] | None = None) -> Path:
     """Write ``root/step-<step>`` atomically and prune to the newest ``keep_last`` complete checkpoints.
 
-    Only one process may call this for a given ``root`` (rank 0 under torchrun)."""
+    Only one process may call this for a given ``root`` (rank 0 under torchrun). ``tmp_ready``: ``step-….tmp``
+    already holds files written by every rank (FSDP2's DCP shards, dmdr/train/fsdp.py); they are added to the
+    manifest, and ``manifest_extra`` (e.g. ``{"format": "dcp"}``) goes into ``COMPLETE``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     prev = root / f"step-{step:07d}.prev"
     for stale in root.glob("step-*.tmp"):  # left by a kill or a full disk during an earlier save
-        _remove(stale)
+        if not (tmp_ready and stale == tmp):
+            _remove(stale)
     try:
-        tmp.mkdir()
+        if not tmp_ready:
+            tmp.mkdir()
         for name, sd in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
         torch.save(state, tmp / "state.pt")
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": files}))
+        (tmp / "COMPLETE").write_text(json.dumps({"step": step, "sha256": files, **(manifest_extra or {})}))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -190,6 +195,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     path = Path(path)
     verify_checkpoint(path)
     tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    if not tensors and (path / ".metadata").is_file():  # FSDP2 (DCP) shards, read into whole tensors on demand
+        from dmdr.train.fsdp import DCPTensors
+
+        tensors = DCPTensors(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}/state.pt holds a {type(state).__name__}, not a state dict")

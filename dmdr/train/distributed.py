@@ -134,6 +134,18 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP2 (:class:`dmdr.train.fsdp.FSDPContext`): parameters are shards, collectives in backward."""
+        return False
+
+    def agree_finite(self, finite: bool) -> bool:
+        """Whether this rank may run ``backward`` (FSDP2 makes every rank agree first; here: ``finite``)."""
+        return finite
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     # ---- collectives (all no-ops when inactive) -------------------------------------------------------------------
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Overwrite ``tensors`` on every rank with rank ``src``'s values (one flat broadcast)."""
@@ -224,13 +236,15 @@ def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
 def setup(recipe=None) -> DistContext:
     """The :class:`DistContext` for this process (initialising the process group under torchrun)."""
     m = mode_for(recipe)
+    from dmdr.train import fsdp
+
+    fsdp.check_options(recipe, m)
+    if m == "fsdp2":  # also for torchrun --nproc_per_node 1 (dmdr/train/fsdp.py)
+        return fsdp.setup(recipe)
     if not launched():
         return DistContext()
     if m == "none":
         raise DistributedError(f"launched with WORLD_SIZE={world_size()} but the distributed mode is none: the "
                                f"processes would overwrite each other's run; set DMDR_DISTRIBUTED=ddp or launch one")
-    if m == "fsdp2":
-        raise DistributedError("runtime.distributed=fsdp2 is not supported by the DMDR trainer yet (the critic is a "
-                               "LoRA on a shared frozen base); use ddp")
     init_from_env()
     return DistContext(mode=m, rank=dist.get_rank(), world_size=dist.get_world_size())

@@ -108,6 +108,10 @@ class DMDRTrainer:
         if not self.dist.is_main:
             self.console = lambda *a, **k: None
         self.bundle = bundle or self.family.build(recipe, device)
+        if self.dist.sharded:  # FSDP2: shard per block before the optimisers see the parameters
+            from dmdr.train import fsdp
+
+            fsdp.shard_bundle(self.bundle, recipe, self.dist, device)
         if self.dist.active:  # identical replicas, then per-rank data/noise streams
             self.dist.broadcast_(self.bundle.generator_params + self.bundle.critic_params)
             seed_everything(recipe.seed + self.dist.rank)
@@ -170,7 +174,7 @@ class DMDRTrainer:
         step and returns ``(False, nan)``; under torchrun every rank takes the same decision."""
         self._last_update = "gen" if opt is self.opt_gen else "critic"
         opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = self.dist.agree_finite(bool(torch.isfinite(loss)))  # FSDP2: backward is collective
         if finite:
             loss.backward()
         if self.dist.active:
@@ -181,7 +185,7 @@ class DMDRTrainer:
 
     def _clip_and_step(self, params: list, opt: torch.optim.Optimizer) -> tuple[bool, float]:
         """Clip to ``optim.grad_clip`` and step; a non-finite gradient norm skips the step. Returns (ok, norm)."""
-        gnorm = torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+        gnorm = self.dist.clip_grad_norm_(params, self.recipe.optim.grad_clip)
         if not torch.isfinite(gnorm):
             opt.zero_grad(set_to_none=True)
             return False, float("nan")
@@ -354,6 +358,10 @@ class DMDRTrainer:
 
         Refuses (with a warning, returning None) when a weight is non-finite, so the last checkpoint on disk
         is always a good one."""
+        if self.dist.sharded:  # FSDP2: DCP shards from every rank (dmdr/train/fsdp.py)
+            from dmdr.train import fsdp
+
+            return fsdp.save(self)
         k = self.state.global_step
         tensors = self.tensors()
         bad = non_finite(tensors)
@@ -390,7 +398,12 @@ class DMDRTrainer:
             if blocking:
                 raise ckpt.CheckpointError(f"cannot resume: the recipe changed in fields that matter: "
                                            f"{', '.join(blocking[:6])}; revert them or start a new run with --force")
-            self.load(tensors, state)
+            from dmdr.train import fsdp
+
+            if self.dist.sharded or fsdp.is_dcp_checkpoint(path):  # FSDP2 / DCP checkpoints reshard on load
+                fsdp.load(self, path, tensors, state)
+            else:
+                self.load(tensors, state)
             harmless[:] = changed
 
         path, *_ = ckpt.load_latest_valid(self.out / "checkpoints", warn=self._warn, apply=apply)
@@ -486,7 +499,7 @@ class DMDRTrainer:
                                 info = " ".join(f"{n[5:]} {rec[n]:.3g}" for n in rec if n.startswith("loss_"))
                                 info += f" | {self.monitor.bank.status()}" if self.monitor is not None else ""
                                 p.update(task, completed=self.state.stage_step, info=info, rate=f"{rate:.2f} it/s")
-                        if main and r.logging.sample_every and k % r.logging.sample_every == 0:
+                        if (main or self.dist.sharded) and r.logging.sample_every and k % r.logging.sample_every == 0:
                             self.sample_grid(out / "samples" / f"step-{k:07d}.png", fixed)
                         self._monitor_step(k, log)  # before the checkpoint, so that it holds this measurement
                         if r.logging.checkpoint_every and k % r.logging.checkpoint_every == 0:
@@ -499,7 +512,7 @@ class DMDRTrainer:
             # still under our handlers: a signal during the final grid or export is absorbed, not a kill (143)
             self._check_some_update_applied()
             self._check_student_finite()
-            if main:
+            if main or self.dist.sharded:  # FSDP2: sampling and export gather shards on every rank
                 summary["final_grid"] = self.sample_grid(out / "samples" / "final.png", fixed)
                 summary["student"] = self.export_student(out / "student.safetensors")
         finally:
@@ -547,14 +560,22 @@ class DMDRTrainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path, fixed) -> Path | None:
-        """The student's samples of the family's fixed grid inputs (its own rollout, no CFG), written by the family."""
+        """The student's samples of the family's fixed grid inputs (its own rollout, no CFG), written by the family.
+        Under FSDP2 every rank samples (the sharded forward needs all ranks) and rank 0 writes."""
         x = self.family.sample(self.bundle, fixed)
+        if not self.dist.is_main:
+            return None
         return self.family.save_samples(self.bundle, self.family.render(self.bundle, x), fixed, path)
 
     def export_student(self, path: Path) -> Path | None:
         """Write the student (EMA if enabled) through the family (:meth:`~dmdr.families.base.Family.export`):
         digits a standalone tiny-DiT file with its grid in the metadata, text-to-image the generator LoRA as a
-        diffusers LoRA folder ``path.parent / "student_lora"`` (or the full network)."""
+        diffusers LoRA folder ``path.parent / "student_lora"`` (or the full network). Under FSDP2 the shards are
+        gathered on every rank and rank 0 writes."""
+        if self.dist.sharded:
+            from dmdr.train import fsdp
+
+            return fsdp.export_student(self, path)
         bad = non_finite({"generator": self.bundle.generator_state(), **({"ema": self.ema} if self.ema else {})})
         if bad:  # keep the last good student on disk; say so and exit non-zero
             done = ckpt.list_checkpoints(self.out / "checkpoints") if self.out is not None else []

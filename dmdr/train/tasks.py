@@ -57,4 +57,7 @@ def run_task(recipe, out: Path, device: torch.device, *, resume: bool = False, s
              console=print) -> dict[str, Any]:
     if recipe.task not in RUNNERS:
         raise ValueError(f"task {recipe.task!r} has no runner; known: {', '.join(RUNNERS)}")
+    from dmdr.train.fsdp import check_task
+
+    check_task(recipe)  # runtime.distributed: fsdp2 / runtime.fsdp are for task: dmdr only
     return RUNNERS[recipe.task](recipe, out, device, resume=resume, smoke=smoke, console=console)
