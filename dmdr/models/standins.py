@@ -90,6 +90,10 @@ def _network(cfg: dict) -> nn.Module:
         from dmdr.models.flux_standins import _network as flux_network
         return flux_network(cfg)
     cls = {"SD3Transformer2DModel": SD3Transformer2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if cfg["network_class"] not in cls:  # other families' networks (Wan, Z-Image): the diffusers class by name
+        import diffusers
+
+        return getattr(diffusers, cfg["network_class"])(**cfg["network"])
     return cls[cfg["network_class"]](**cfg["network"])
 
 

@@ -181,15 +181,18 @@ def memory_lines(recipe, est, worlds=(2, 4, 8)) -> list[str]:
     * activations: unchanged (``stages[*].batch_size`` is per process)."""
     from dmdr.models.standins import real_network
     from dmdr.train.memory_estimate import DTYPE_BYTES, GIB
-    from dmdr.train.t2i_bundle import model_config_name
+    from dmdr.families.registry import get_family
 
     d = est.detail
+    if not {"network_params", "lora_params", "full_generator_params"} <= set(d):
+        return ["fsdp2 per GPU (estimate): not available for this family's memory estimate (no per-part parameter "
+                "counts); the one-GPU line above is the unsharded peak"]
     wbytes = DTYPE_BYTES[recipe.model.dtype]
     pd = recipe.runtime.fsdp.param_dtype
     gbytes = wbytes if pd == "auto" else DTYPE_BYTES[pd]
     sharded = d["network_params"] * wbytes + 4 * (d["lora_params"] + d["full_generator_params"])
     replicated = est.weights - sharded
-    net = real_network(model_config_name(recipe))
+    net = real_network(get_family(recipe).config_name(recipe))
     blocks = block_modules(net)
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
