@@ -66,10 +66,10 @@ def estimate_flux_memory(recipe, name: str):
     """The :class:`~dmdr.train.memory_estimate.MemoryEstimate` of a FLUX DMDR recipe on the shipped config ``name``."""
     from dmdr.models.flux_standins import flux_real_network, flux_real_text_encoders
     from dmdr.models.standins import quiet_diffusers
-    from dmdr.train.memory_estimate import (DTYPE_BYTES, REWARD_PARAMS, MemoryEstimate, adam_bytes,
-                                            lora_param_count)
+    from dmdr.train.memory_estimate import (DTYPE_BYTES, MemoryEstimate, adam_bytes, reward_param_count,
+                                            trainable_param_counts)
 
-    m, g = recipe.model, recipe.generator
+    m = recipe.model
     wbytes = DTYPE_BYTES[m.dtype]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]
     res = m.resolution
@@ -79,11 +79,8 @@ def estimate_flux_memory(recipe, name: str):
         act_dec, n_vae = flux_vae_decode_activation_bytes(name, res, dtype, checkpointing=m.vae_gradient_checkpointing)
         n_text = sum(sum(p.numel() for p in te.parameters()) for te in flux_real_text_encoders(name))
         net = flux_real_network(name)
-    n_lora = lora_param_count(net, recipe.critic.lora.rank, recipe.critic.lora.targets)
-    if g.lora is not None:
-        n_lora += lora_param_count(net, g.lora.rank, g.lora.targets)
-    n_full = n_net if g.lora is None else 0
-    n_reward = sum(REWARD_PARAMS.get(r, 0) for r in {t.name for st in recipe.stages for t in st.rewards})
+    n_lora, n_full = trainable_param_counts(recipe, net, n_net)
+    n_reward = reward_param_count(recipe)
     text_on_gpu = not m.offload_idle
     weights = (n_net * wbytes + (n_text * wbytes if text_on_gpu else 0) + n_vae * wbytes + n_reward * wbytes
                + 4 * (n_lora + n_full))

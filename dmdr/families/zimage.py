@@ -71,10 +71,11 @@ class ZImageFamily(DiffusersT2IFamily):
 
 def _estimate(recipe, name: str):
     from dmdr.models.zimage import real_zimage_network, zimage_config
-    from dmdr.train.memory_estimate import (DTYPE_BYTES, REWARD_PARAMS, MemoryEstimate, adam_bytes, lora_param_count,
-                                            saved_activation_bytes, vae_decode_activation_bytes)
+    from dmdr.train.memory_estimate import (DTYPE_BYTES, MemoryEstimate, adam_bytes, reward_param_count,
+                                            saved_activation_bytes, trainable_param_counts,
+                                            vae_decode_activation_bytes)
 
-    m, g = recipe.model, recipe.generator
+    m = recipe.model
     cfg = zimage_config()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]
     wbytes = DTYPE_BYTES[m.dtype]
@@ -90,11 +91,8 @@ def _estimate(recipe, name: str):
     n_net = sum(p.numel() for p in params)
     act_dec, n_vae = vae_decode_activation_bytes(name, m.resolution, dtype, checkpointing=m.vae_gradient_checkpointing)
     n_text = cfg["text_encoder"]["parameters"]
-    n_lora = lora_param_count(net, recipe.critic.lora.rank, recipe.critic.lora.targets)
-    if g.lora is not None:
-        n_lora += lora_param_count(net, g.lora.rank, g.lora.targets)
-    n_full = n_net if g.lora is None else 0
-    n_reward = sum(REWARD_PARAMS.get(r, 0) for r in {t_.name for st in recipe.stages for t_ in st.rewards})
+    n_lora, n_full = trainable_param_counts(recipe, net, n_net)
+    n_reward = reward_param_count(recipe)
     text_on_gpu = not m.offload_idle
     weights = (n_net * wbytes + (n_text * wbytes if text_on_gpu else 0) + n_vae * wbytes + n_reward * wbytes
                + 4 * (n_lora + n_full))

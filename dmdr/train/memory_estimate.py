@@ -134,6 +134,21 @@ def _meta(shape, dtype, **kw):
     return torch.empty(*shape, device="meta", dtype=dtype, **kw)
 
 
+def trainable_param_counts(recipe, net, n_net: int) -> tuple[int, int]:
+    """(LoRA parameters, full-generator parameters) a DMDR recipe trains on ``net`` (``n_net`` parameters): the
+    critic LoRA, plus the generator LoRA or, with ``generator.lora: null``, every weight of a second network."""
+    g = recipe.generator
+    n_lora = lora_param_count(net, recipe.critic.lora.rank, recipe.critic.lora.targets)
+    if g.lora is not None:
+        n_lora += lora_param_count(net, g.lora.rank, g.lora.targets)
+    return n_lora, (n_net if g.lora is None else 0)
+
+
+def reward_param_count(recipe) -> int:
+    """Parameters of the learned rewards the recipe's stages use (each distinct reward once, :data:`REWARD_PARAMS`)."""
+    return sum(REWARD_PARAMS.get(r, 0) for r in {t.name for st in recipe.stages for t in st.rewards})
+
+
 def network_activation_bytes(name: str, resolution: int, dtype: torch.dtype, *, checkpointing: bool,
                              text_tokens: int | None = None) -> tuple[int, int]:
     """(activation bytes of one image's forward with grad, parameter count) of the real network ``name``."""
@@ -209,7 +224,7 @@ def estimate_t2i_memory(recipe, name: str | None = None) -> MemoryEstimate:
 def _estimate(recipe, name: str) -> MemoryEstimate:
     from dmdr.models.standins import real_config, real_network
 
-    m, g = recipe.model, recipe.generator
+    m = recipe.model
     cfg = real_config(name)
     wbytes = DTYPE_BYTES[m.dtype]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]
@@ -227,12 +242,8 @@ def _estimate(recipe, name: str) -> MemoryEstimate:
                                                       tiny=True)
     n_text = text_encoder_params(name)
     net = real_network(name)
-    n_lora = lora_param_count(net, recipe.critic.lora.rank, recipe.critic.lora.targets)
-    if g.lora is not None:
-        n_lora += lora_param_count(net, g.lora.rank, g.lora.targets)
-    n_full = n_net if g.lora is None else 0
-    rewards = {t.name for st in recipe.stages for t in st.rewards}
-    n_reward = sum(REWARD_PARAMS.get(r, 0) for r in rewards)
+    n_lora, n_full = trainable_param_counts(recipe, net, n_net)
+    n_reward = reward_param_count(recipe)
     text_on_gpu = not m.offload_idle
     weights = (n_net * wbytes + (n_text * wbytes if text_on_gpu else 0) + n_vae * vae_bytes + n_rvae * vae_bytes
                + n_reward * wbytes + 4 * (n_lora + n_full))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from dmdr.train.memory_estimate import (DTYPE_BYTES, REWARD_PARAMS, MemoryEstimate, _meta, adam_bytes,
-                                        lora_param_count, saved_activation_bytes)
+from dmdr.train.memory_estimate import (DTYPE_BYTES, MemoryEstimate, _meta, adam_bytes, reward_param_count,
+                                        saved_activation_bytes, trainable_param_counts)
 
 
 def wan_activation_bytes(name: str, height: int, width: int, num_frames: int, dtype: torch.dtype, *,
@@ -60,7 +60,7 @@ def estimate_wan_memory(recipe, name: str) -> MemoryEstimate:
     from dmdr.models.standins import quiet_diffusers
     from dmdr.models.wan import real_wan_network
 
-    m, g = recipe.model, recipe.generator
+    m = recipe.model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]
     wbytes = DTYPE_BYTES[m.dtype]
     H, W, F = m.resolution, m.width or m.resolution, m.num_frames
@@ -77,11 +77,8 @@ def estimate_wan_memory(recipe, name: str) -> MemoryEstimate:
                 n_vae = sum(p.numel() for p in build_wan_vae(wan_real_config(name)).parameters())
         n_text = umt5_params(name)
         net = real_wan_network(name)
-    n_lora = lora_param_count(net, recipe.critic.lora.rank, recipe.critic.lora.targets)
-    if g.lora is not None:
-        n_lora += lora_param_count(net, g.lora.rank, g.lora.targets)
-    n_full = n_net if g.lora is None else 0
-    n_reward = sum(REWARD_PARAMS.get(t.name, 0) for st in recipe.stages for t in st.rewards)
+    n_lora, n_full = trainable_param_counts(recipe, net, n_net)
+    n_reward = reward_param_count(recipe)
     text_on_gpu = not m.offload_idle
     weights = (n_net * wbytes + (n_text * wbytes if text_on_gpu else 0) + n_vae * 4 + n_reward * wbytes
                + 4 * (n_lora + n_full))
