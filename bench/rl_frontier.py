@@ -39,11 +39,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 REWARDS = {"hackable": "digits_hackable", "weak": "digits_weak_classes"}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -86,6 +88,11 @@ def dmdr_cmd(recipe: str, out: Path, overrides: list[str], device: str) -> list[
 
 
 def start_student(args, seed: int) -> tuple[Path, list[str]]:
+    if args.start_base is not None:  # the stage-1 end of bench/stage2_forks.py's base run (shared with issue 13)
+        from stage2_forks import ensure_base, stage1_checkpoint
+
+        run, cmd = ensure_base(args.steps, seed, args.start_base)
+        return stage1_checkpoint(run), [sys.executable, "-m", *cmd]
     out = args.out / f"start-{args.steps}-{seed}"
     over = [f"seed={seed}", f"generator.steps={args.steps}"]
     if args.distill_steps is not None:
@@ -106,10 +113,15 @@ def weak_classes(start: Path, k: int = 3) -> tuple[list[int], list[float]]:
     from dmdr.rewards.weak_classes import per_class_confidence, weakest_classes
     from dmdr.sampling import load_student, sample_student
 
-    model, info = load_student(start)
-    labels = torch.arange(1000) % 10
-    with torch.no_grad():
-        x = to_unit(sample_student(model, labels, info, generator=torch.Generator().manual_seed(4321)))
+    if (start / "COMPLETE").exists():  # one checkpoint (--start-base: the end of a run's stage 1)
+        from time_to_quality import sample_checkpoint
+
+        x, labels = sample_checkpoint(start, "ema", num=1000, seed=4321)
+    else:
+        model, info = load_student(start)
+        labels = torch.arange(1000) % 10
+        with torch.no_grad():
+            x = to_unit(sample_student(model, labels, info, generator=torch.Generator().manual_seed(4321)))
     conf = per_class_confidence(x, labels)
     return weakest_classes(conf, k), conf
 
@@ -151,8 +163,9 @@ def mean_ci(xs: list[float]) -> dict:
     if not xs:
         return {"mean": float("nan"), "ci95": float("nan"), "n": 0}
     m = statistics.fmean(xs)
-    ci = T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return {"mean": m, "ci95": ci, "n": len(xs)}
+    sd = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+    ci = T95.get(len(xs) - 1, 1.96) * sd / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return {"mean": m, "ci95": ci, "sd": sd, "n": len(xs)}
 
 
 def family(name: str) -> str:
@@ -226,6 +239,11 @@ def main(argv=None) -> None:
     ap.add_argument("--last-k", type=int, default=3, help="evaluations averaged at the end of a run")
     ap.add_argument("--distill-steps", type=int, default=None, help="override the start recipe's 600 steps")
     ap.add_argument("--batch-size", type=int, default=None, help="override rl.batch_size (and minibatch)")
+    ap.add_argument("--start-base", type=Path, default=None,
+                    help="start from the stage-1 checkpoint of bench/stage2_forks.py's base runs in this folder "
+                         "(recipes/digits-4step.yaml or digits.yaml, 600 DMD steps, EMA + critic) instead of "
+                         "recipes/digits-rl-start.yaml")
+    ap.add_argument("--workers", type=int, default=1, help="runs at once (one thread each)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
@@ -245,12 +263,12 @@ def main(argv=None) -> None:
         start, cmd = start_student(args, s)
         classes, acc = weak_classes(start)
         starts[s] = (start, classes)
-        results["starts"][str(s)] = {"command": "dmdr " + " ".join(cmd[3:]), "weak_classes": classes,
+        results["starts"][str(s)] = {"command": "dmdr " + " ".join(cmd[3:]), "student": str(start),
+                                     "weak_classes": classes,
                                      "per_class_eval_confidence": acc}
+    jobs = []
     for rw in args.rewards:
-        results["runs"][rw] = {}
         for name, over in sets.items():
-            per_seed = {}
             for s in args.seeds:
                 start, classes = starts[s]
                 out = args.out / "runs" / rw / name / f"seed{s}"
@@ -262,11 +280,14 @@ def main(argv=None) -> None:
                      "monitors.every=0", *reward_overrides(rw, classes), *over]
                 if args.batch_size:
                     o += [f"rl.batch_size={args.batch_size}", f"rl.minibatch_size={args.batch_size * args.steps // 2}"]
-                cmd = dmdr_cmd("digits-grpo.yaml", out, o, args.device)
-                if not (out / "student.safetensors").exists():
-                    run(cmd, out.with_suffix(".log"))
-                per_seed[str(s)] = {"command": "dmdr " + " ".join(cmd[3:]), **read_run(out, rw, args.last_k)}
-            results["runs"][rw][name] = per_seed
+                jobs.append((rw, name, s, out, dmdr_cmd("digits-grpo.yaml", out, o, args.device)))
+    pending = [j for j in jobs if not (j[3] / "student.safetensors").exists()]
+    with ThreadPoolExecutor(args.workers) as pool:  # cheap settings first within each seed order, as listed
+        list(pool.map(lambda j: run(j[4], j[3].with_suffix(".log")), pending))
+    for rw, name, s, out, cmd in jobs:
+        results["runs"].setdefault(rw, {}).setdefault(name, {})[str(s)] = {
+            "command": "dmdr " + " ".join(cmd[3:]), **read_run(out, rw, args.last_k)}
+    for rw in args.rewards:
         keys = ("reward_gain", "fid", "recall", "precision", "accuracy", "train_reward_gain", "nfe_per_iteration",
                 "clip_bound_fraction", "grad_norm_ppo", "grad_norm_kl", "grad_norm_dmd")
         table = {n: {k: mean_ci([d[k] for d in ps.values()]) for k in keys} for n, ps in results["runs"][rw].items()}

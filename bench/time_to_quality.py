@@ -70,8 +70,8 @@ def train(config: str, seed: int, out: Path, every: int, extra: list[str]) -> di
 
 
 @torch.no_grad()
-def sample_checkpoint(path: Path, which: str = "ema") -> tuple[torch.Tensor, torch.Tensor]:
-    """2,000 samples (images in [0, 1], labels) of one checkpoint's student, as ``dmdr sample --num 2000 --seed 0``."""
+def sample_checkpoint(path: Path, which: str = "ema", num: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` samples (images in [0, 1], labels) of one checkpoint's student, as ``dmdr sample --num N --seed S``."""
     import yaml
 
     from dmdr.data.digits import to_unit
@@ -85,8 +85,8 @@ def sample_checkpoint(path: Path, which: str = "ema") -> tuple[torch.Tensor, tor
     model = load_tiny(r.model.teacher)
     model.load_state_dict(tensors[which] if which in tensors else tensors.get("ema", tensors["generator"]))
     info = StudentInfo(r.generator.steps, r.generator.shift, r.model.t_min, str(path), r.generator.backward_sim)
-    labels = torch.arange(2000) % model.config.num_classes
-    x = sample_student(model, labels, info, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(num) % model.config.num_classes
+    x = sample_student(model, labels, info, generator=torch.Generator().manual_seed(seed))
     return to_unit(x).float(), labels
 
 

@@ -382,7 +382,8 @@ class RL(Strict):
     advantage_weighted_dmd: bool = Field(False, description="weight the DMD term per sample by B·softmax(A/T)")
     adw_temperature: float = Field(1.0, gt=0, description="T of advantage_weighted_dmd")
     init: str | None = Field(None, description="student to start from: a DMDR run directory (student + critic) or "
-                             "a student .safetensors; null = the teacher (teacher-initialised student)")
+                             "a student .safetensors, one checkpoint RUN/checkpoints/step-N (its EMA, else generator, + critic); "
+                             "null = the teacher (teacher-initialised student)")
 
     @field_validator("clip_epsilon")
     @classmethod

@@ -195,6 +195,34 @@ def test_init_from_a_run_resume_and_eval(teacher, tmp_path):
     assert [m["step"] for m in _metrics(out) if "reward_mean" in m] == [1, 2]
 
 
+def test_init_from_one_checkpoint(teacher, tmp_path):
+    """rl.init = RUN/checkpoints/step-N loads that checkpoint's EMA (else generator) and its critic; a damaged checkpoint is
+    refused in one line."""
+    from safetensors.torch import load_file
+
+    from dmdr.train.checkpoint import CheckpointError
+    from dmdr.train.grpo import GRPOTrainer
+
+    first = tmp_path / "first"
+    GRPOTrainer(_recipe(teacher, "iterations=2", "logging.checkpoint_every=1", "logging.keep_last=5"), first,
+                torch.device("cpu"), console=lambda *a: None).run()
+    ck = first / "checkpoints" / "step-0000001"
+    tr = GRPOTrainer(_recipe(teacher, f"rl.init={ck}", "iterations=1"), tmp_path / "second", torch.device("cpu"),
+                     console=lambda *a: None)
+    assert tr.init_source == f"{ck} (and its critic)"
+    gen = load_file(str(ck / "generator.safetensors"))
+    assert all(torch.equal(gen[k], v) for k, v in tr.bundle.generator_module.state_dict().items())
+    later = load_file(str(first / "checkpoints" / "step-0000002" / "generator.safetensors"))
+    assert any(not torch.equal(later[k], gen[k]) for k in gen)   # step 1, not the newest, was loaded
+    critic = load_file(str(ck / "critic.safetensors"))
+    got = tr.bundle.critic_state()
+    assert critic.keys() == got.keys() and all(torch.equal(critic[k], got[k]) for k in critic)
+    (ck / "recipe.yaml").write_text((ck / "recipe.yaml").read_text().replace("task: grpo", "task: classifier"))
+    with pytest.raises(CheckpointError, match=r"step-0000001: recipe.yaml does not match its checksum"):
+        GRPOTrainer(_recipe(teacher, f"rl.init={ck}", "iterations=1"), tmp_path / "third", torch.device("cpu"),
+                    console=lambda *a: None)
+
+
 def test_smoke_runner(teacher, tmp_path):
     from dmdr.train.tasks import run_task
 

@@ -182,6 +182,8 @@ class GRPOTrainer(DMDRTrainer):
                             f"student .safetensors, or null to start from the teacher")
         if p.is_file():
             return self._load_student_file(p)
+        if (p / "COMPLETE").exists() and ckpt.STEP_RE.match(p.name):  # one checkpoint of a run (e.g. a stage's end)
+            return self._load_checkpoint_dir(p, init)
         task = _run_task(p)
         if task is not None and task not in ("dmdr", "grpo"):
             raise UserError(f"rl.init={init}: that is a task={task} run, not a student; pass the --out of a "
@@ -201,6 +203,22 @@ class GRPOTrainer(DMDRTrainer):
         if "critic" in tensors:
             b.load_critic_state(tensors["critic"])
             src += f" (critic from {cks[-1].name})"
+        return src
+
+    def _load_checkpoint_dir(self, path: Path, init: str) -> str:
+        """``rl.init = RUN/checkpoints/step-NNNNNNN``: that checkpoint's EMA (else generator) and critic."""
+        tensors, _, recipe_yaml = ckpt.read_checkpoint(path)
+        from dmdr import safe_yaml
+
+        task = (safe_yaml.load(recipe_yaml) or {}).get("task")
+        if task not in ("dmdr", "grpo") or "generator" not in tensors:
+            raise UserError(f"rl.init={init}: that checkpoint is from a task={task} run and holds no generator; pass "
+                            f"a checkpoint of a `task: dmdr` or `task: grpo` run")
+        self.bundle.load_generator_state(tensors.get("ema", tensors["generator"]))
+        src = str(path)
+        if "critic" in tensors:
+            self.bundle.load_critic_state(tensors["critic"])
+            src += " (and its critic)"
         return src
 
     def _load_student_file(self, path: Path) -> str:
