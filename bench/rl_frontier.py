@@ -148,13 +148,16 @@ def read_run(path: Path, reward: str, k: int) -> dict:
     return {
         "reward_gain": avg(last, key) - evals[0][key], "reward_start": evals[0][key],
         "fid": avg(last, "eval_fid"), "recall": avg(last, "eval_recall"), "precision": avg(last, "eval_precision"),
+        "fid_pixels": avg(last, "eval_fid_pixels"), "fid_mlp": avg(last, "eval_fid_mlp"),
+        "fid_pixels_start": evals[0].get("eval_fid_pixels"), "fid_mlp_start": evals[0].get("eval_fid_mlp"),
         "accuracy": avg(last, "eval_accuracy"), "fid_start": evals[0]["eval_fid"],
         "recall_start": evals[0]["eval_recall"],
         "train_reward_gain": avg(train[-n:], "reward_mean") - avg(train[:n], "reward_mean"),
         "nfe_per_iteration": avg(train[1:] or train, "nfe_total"),
         "clip_bound_fraction": avg(train, "grad_clip_bound"),
         **{f"grad_norm_{t}": avg(train, f"grad_norm_{t}") for t in ("ppo", "kl", "dmd")},
-        "evals": [{k_: r.get(k_) for k_ in ("step", key, "eval_fid", "eval_recall")} for r in evals],
+        "evals": [{k_: r.get(k_) for k_ in ("step", key, "eval_fid", "eval_fid_pixels", "eval_fid_mlp", "eval_recall")}
+                  for r in evals],
     }
 
 
@@ -288,7 +291,8 @@ def main(argv=None) -> None:
         results["runs"].setdefault(rw, {}).setdefault(name, {})[str(s)] = {
             "command": "dmdr " + " ".join(cmd[3:]), **read_run(out, rw, args.last_k)}
     for rw in args.rewards:
-        keys = ("reward_gain", "fid", "recall", "precision", "accuracy", "train_reward_gain", "nfe_per_iteration",
+        keys = ("reward_gain", "fid", "fid_pixels", "fid_mlp", "recall", "precision", "accuracy", "fid_start",
+                "fid_pixels_start", "fid_mlp_start", "recall_start", "reward_start", "train_reward_gain", "nfe_per_iteration",
                 "clip_bound_fraction", "grad_norm_ppo", "grad_norm_kl", "grad_norm_dmd")
         table = {n: {k: mean_ci([d[k] for d in ps.values()]) for k in keys} for n, ps in results["runs"][rw].items()}
         results["table"][rw] = table

@@ -50,7 +50,7 @@ VARIANTS: dict[str, list[str]] = {
     "reward_w0.02": ["stages.1.rewards.0.weight=0.02"],
     "reward_w0.01": ["stages.1.rewards.0.weight=0.01"],
     "stage2_150": ["stages.1.steps=150"],
-    "reward_hinge": ["stages.1.rewards.0.hinge=-0.05"],
+    "reward_hinge": ["stages.1.rewards.0.hinge=-0.1"],
 }
 SPACES = {"net": "fid", "pixels": "fid_pixels", "mlp": "fid_mlp"}
 METRICS = ("fid", "fid_pixels", "fid_mlp", "recall", "recall_pixels", "recall_mlp", "precision", "accuracy",
