@@ -284,9 +284,12 @@ def main(argv=None) -> None:
                 if args.batch_size:
                     o += [f"rl.batch_size={args.batch_size}", f"rl.minibatch_size={args.batch_size * args.steps // 2}"]
                 jobs.append((rw, name, s, out, dmdr_cmd("digits-grpo.yaml", out, o, args.device)))
-    pending = [j for j in jobs if not (j[3] / "student.safetensors").exists()]
-    with ThreadPoolExecutor(args.workers) as pool:  # cheap settings first within each seed order, as listed
-        list(pool.map(lambda j: run(j[4], j[3].with_suffix(".log")), pending))
+    def run_if_missing(job) -> None:  # checked when the job's turn comes: drivers on disjoint --only sets may share OUT
+        if not (job[3] / "student.safetensors").exists():
+            run(job[4], job[3].with_suffix(".log"))
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(run_if_missing, jobs))
     for rw, name, s, out, cmd in jobs:
         results["runs"].setdefault(rw, {}).setdefault(name, {})[str(s)] = {
             "command": "dmdr " + " ".join(cmd[3:]), **read_run(out, rw, args.last_k)}

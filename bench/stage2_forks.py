@@ -46,7 +46,7 @@ RECIPES = {1: "recipes/digits.yaml", 4: "recipes/digits-4step.yaml"}
 VARIANTS: dict[str, list[str]] = {
     "default": [],
     "stage1": [],  # no fork: the stage-1 checkpoint itself
-    "no_reward": ["stages.1.rewards=[]"],
+    "no_reward": ["stages.1.rewards=[]", "monitors.every=0"],  # its reward monitors need a reward
     "reward_w0.02": ["stages.1.rewards.0.weight=0.02"],
     "reward_w0.01": ["stages.1.rewards.0.weight=0.01"],
     "stage2_150": ["stages.1.steps=150"],
