@@ -110,3 +110,34 @@ def test_flow_grpo_on_an_eps_model_is_a_one_line_error(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     err = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("error:")]
     assert len(err) == 1 and "rl.sde=dmd2" in err[0] and "Traceback" not in p.stderr
+
+
+def test_rollout_clean_gives_the_critic_clean_x0_not_the_noisy_final_state():
+    """rl.critic_reuse_rollout: per trajectory one of its N clean x̂0 (as the backward simulation), never the final
+    state, which carries the last step's exploration noise."""
+    from tensordict import TensorDict
+
+    from dmdr import keys as K
+    from dmdr.train.grpo import rollout_clean
+
+    B, N = 64, 4
+    x0s = torch.arange(B * N, dtype=torch.float64).reshape(B, N, 1, 1, 1).expand(B, N, 1, 2, 2).clone()
+    roll = TensorDict({K.X0_PER_STEP: x0s, K.SAMPLE: x0s[:, -1] + 0.1 * torch.randn(B, 1, 2, 2, dtype=torch.float64)},
+                      batch_size=[B])
+    torch.manual_seed(0)
+    out = rollout_clean(roll)
+    assert out.shape == (B, 1, 2, 2) and out.dtype == torch.float32 and not out.requires_grad
+    step = out[:, 0, 0, 0].double() - torch.arange(B, dtype=torch.float64) * N   # which step each row came from
+    assert torch.equal(step, step.round()) and step.min() >= 0 and step.max() <= N - 1
+    assert set(step.long().tolist()) == set(range(N))          # all N steps are drawn (64 draws)
+    assert not torch.allclose(out.double(), roll[K.SAMPLE])
+
+
+def test_critic_reuse_trains_the_critic_on_rollout_clean(teacher, tmp_path, monkeypatch):
+    import dmdr.train.grpo as grpo
+
+    seen = []
+    real = grpo.rollout_clean
+    monkeypatch.setattr(grpo, "rollout_clean", lambda roll: seen.append(real(roll)) or seen[-1])
+    m = _run(teacher, tmp_path, "rl.regularizer=dmd", "rl.critic_updates=1", "rl.critic_reuse_rollout=true")[-1]
+    assert len(seen) == 2 and seen[0].shape[0] == 8 and m["critic_updates"] == m["ppo_updates"]

@@ -51,6 +51,7 @@ from dmdr.losses.policy import (PolicyKeys, StudentStep, advantage_weights, chec
 from dmdr.models.lora import AdapterView
 from dmdr.recipes import GRPORecipe, save_recipe, validate_recipe
 from dmdr.samplers import stochastic_rollout
+from dmdr.schedules import sample_grid_steps
 from dmdr.scores import sample_cfg_scale
 from dmdr.train import checkpoint as ckpt
 from dmdr.families.base import Bundle
@@ -252,7 +253,8 @@ class GRPOTrainer(DMDRTrainer):
     def critic_step(self, reuse: tuple[torch.Tensor, Any] | None = None) -> dict[str, float]:
         """One DMDR critic update (method.md §2.2-2.3) on a fresh backward simulation of the current student
         (:meth:`DMDRTrainer.backward_simulation` then :meth:`DMDRTrainer.critic_update`), or, with ``reuse =
-        (x_clean, cond)`` (``rl.critic_reuse_rollout``), on the iteration's rollout samples: no extra rollout."""
+        (x_clean, cond)`` (``rl.critic_reuse_rollout``), on the iteration's rollout (:func:`rollout_clean`): no
+        extra rollout."""
         if reuse is not None:
             self.bundle.generator_module.train()
             return self.critic_update(*reuse)
@@ -408,7 +410,7 @@ class GRPOTrainer(DMDRTrainer):
         b.generator_module.train()
         acc: dict[str, list[float]] = defaultdict(list)
         n_critic = r.optim.ratio if rl.critic_updates is None else rl.critic_updates
-        reuse = (roll_k[K.SAMPLE].detach(), cond_k) if rl.critic_reuse_rollout else None
+        reuse = (rollout_clean(roll_k), cond_k) if rl.critic_reuse_rollout else None
         for _ in range(rl.ppo_epochs):
             for mb in minibatches():
                 if self.uses_dmd:
@@ -584,6 +586,18 @@ class GRPOTrainer(DMDRTrainer):
             if self.tracker is not None:
                 self.tracker.close()
         return summary
+
+
+def rollout_clean(roll: TensorDictBase) -> torch.Tensor:
+    """The critic's samples from a policy rollout (``rl.critic_reuse_rollout``): per trajectory the generator's
+    clean x̂0 at one of its N steps, drawn uniformly, exactly what :meth:`DMDRTrainer.backward_simulation` returns.
+
+    Not ``roll["sample"]``: that final state carries the last step's exploration noise (``rl.final_std``), so a
+    critic trained on it models p_θ * N(0, final_std²) while the DMD gradient is taken at the clean x̂0 — a fake
+    score biased at low τ. roll: ``x0_per_step`` (B, N, ...). Returns (B, ...), detached."""
+    x0s = roll[K.X0_PER_STEP].detach()
+    idx = sample_grid_steps(x0s.shape[0], x0s.shape[1], device=x0s.device)
+    return x0s[torch.arange(x0s.shape[0], device=x0s.device), idx].float()
 
 
 def _run_task(run: Path) -> str | None:
