@@ -222,9 +222,28 @@ def plot(results: dict, path: Path, label: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(results: dict) -> str:
+    """The per-setting table of a results file (mean ± 95% t-half-width over seeds) as markdown."""
+    def f(c, d=3):
+        return f"{c['mean']:.{d}f} ± {c['ci95']:.{d}f}" if c["n"] > 1 else f"{c['mean']:.{d}f}"
+
+    rows = []
+    for rw, table in results["table"].items():
+        rows += [f"reward `{REWARDS[rw]}` | seeds | reward gain | FID eval net | FID pixels | FID MLP net | recall | "
+                 "accuracy | NFE / iteration | clip bound (fraction of steps) | grad norm PPO / KL / DMD",
+                 "|".join(["---"] * 11)]
+        for n, r in table.items():
+            gn = " / ".join("–" if math.isnan(r[f"grad_norm_{t}"]["mean"]) else f"{r[f'grad_norm_{t}']['mean']:.3f}"
+                            for t in ("ppo", "kl", "dmd"))
+            rows.append(f"{n} | {r['fid']['n']} | {f(r['reward_gain'], 4)} | {f(r['fid'], 2)} | "
+                        f"{f(r['fid_pixels'], 3)} | {f(r['fid_mlp'], 3)} | {f(r['recall'])} | {f(r['accuracy'])} | "
+                        f"{r['nfe_per_iteration']['mean']:.0f} | {r['clip_bound_fraction']['mean']:.2f} | {gn}")
+    return "\n".join("| " + r + " |" for r in rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="run directories")
+    ap.add_argument("--out", type=Path, default=None, help="run directories (required unless --report)")
     ap.add_argument("--quick", action="store_true", help="pipeline check: 1 seed, 2 settings, tiny budget")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=4, help="student steps N (4: multi-step policy; 1: 1-step case)")
@@ -249,7 +268,12 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=1, help="runs at once (one thread each)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--report", type=Path, default=None, help="print the markdown table of this results file")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        return print(markdown(json.loads(args.report.read_text())))
+    if args.out is None:
+        raise SystemExit("error: --out DIR is required (the run directories); or pass --report RESULTS.json")
     if args.quick:
         args.seeds, args.rewards, args.only = args.seeds[:1], ["weak"], args.only or ["kl_b0.1", "dmd_l1"]
         args.iters, args.eval_every, args.eval_samples, args.last_k = 4, 2, 200, 2
