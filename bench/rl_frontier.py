@@ -5,7 +5,9 @@ For every seed s (each with its own starting student, made by the committed reci
 
     dmdr train recipes/digits-rl-start.yaml --set seed=s --set generator.steps=N --out OUT/start-N-s
 
-then, for every reward and every regulariser setting, from that student::
+(or, with ``--start-base DIR``, the stage-1 checkpoint of bench/stage2_forks.py's base run ``DIR/b{N}-{s}`` of
+recipes/digits-4step.yaml / digits.yaml, the start of the committed results in docs/rl.md §8), then, for every
+reward and every regulariser setting, from that student::
 
     dmdr train recipes/digits-grpo.yaml --set seed=s --set rl.init=OUT/start-N-s --set generator.steps=N \\
         --set rl.sde=flow_grpo --set dmd.dynadg.enabled=false --set dmd.dynars.enabled=false \\
