@@ -205,6 +205,13 @@ def test_load_samples_npz_validation(tmp_path, holdout01):
 @pytest.mark.slow
 def test_classifier_recipe_reproduces_the_shipped_weights(tmp_path):
     """`dmdr train recipes/digits-classifier.yaml` gives the shipped reward network bit for bit (1 CPU thread)."""
+    import torch as _t
+
+    if _t.backends.cpu.get_cpu_capability() != "AVX512":  # the SIMD path the shipped weights were trained on
+        import pytest as _p
+
+        _p.skip(f"the shipped weights were trained on AVX512; this CPU takes the {_t.backends.cpu.get_cpu_capability()} "
+                f"path, whose float rounding gives other bits (same rule as tests/test_refactor_identity.py)")
     import torch
     from safetensors import safe_open
     from typer.testing import CliRunner

@@ -61,6 +61,13 @@ def test_cli_eval_reports_all_spaces(tmp_path):
 @pytest.mark.slow
 def test_shipped_mlp_eval_net_reproduces_bit_identically(tmp_path):
     """recipes/digits-features-mlp.yaml retrains dmdr/assets/digits_features_mlp.safetensors exactly (1 thread)."""
+    import torch as _t
+
+    if _t.backends.cpu.get_cpu_capability() != "AVX512":  # the SIMD path the shipped weights were trained on
+        import pytest as _p
+
+        _p.skip(f"the shipped weights were trained on AVX512; this CPU takes the {_t.backends.cpu.get_cpu_capability()} "
+                f"path, whose float rounding gives other bits (same rule as tests/test_refactor_identity.py)")
     from safetensors.torch import load_file
 
     from dmdr.recipes import load_recipe
